@@ -1,0 +1,191 @@
+//! The document form users write and read: `type`, `name`, `mesh`, `labels`, `spec`
+//! (plus the read-only `version`, `creationTime`, `modificationTime`), in YAML or JSON,
+//! one or many documents per file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::kind::Kind;
+use crate::resource::{Meta, Resource};
+use crate::validate::{self, Invalid};
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Doc {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    creation_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    modification_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    spec: Option<Value>,
+}
+
+/// Parse and validate one document given as a JSON value. The read-only fields
+/// (`version`, times) are accepted, so that `get -o yaml` output can be applied again,
+/// and carried in `meta`.
+pub fn from_value(value: Value) -> Result<Resource, Invalid> {
+    // Report the kind first: its spec depends on it.
+    let kind_name = match value.get("type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(Invalid::one("type", format!("expected a kind name, got {other}"))),
+        None if value.is_object() => {
+            return Err(Invalid::one("type", format!("missing field (expected one of {})", Kind::names())));
+        }
+        None => return Err(Invalid::one("", format!("expected a resource object, got {}", short(&value)))),
+    };
+    let kind: Kind = kind_name.parse().map_err(|e: crate::kind::UnknownKind| Invalid::one("type", e.to_string()))?;
+    let doc: Doc = validate::from_value("", value)?;
+    let mut r = Resource::new(kind, doc.mesh.as_deref(), &doc.name, doc.labels, doc.spec.unwrap_or_else(|| Value::Object(Default::default())))?;
+    r.meta = Meta {
+        version: doc.version.unwrap_or(0),
+        creation_time: doc.creation_time,
+        modification_time: doc.modification_time,
+    };
+    Ok(r)
+}
+
+/// The document form of a resource, as JSON.
+pub fn to_value(r: &Resource) -> Value {
+    let doc = Doc {
+        kind: r.kind.name().to_string(),
+        name: r.name.clone(),
+        mesh: r.mesh.clone(),
+        labels: r.labels.clone(),
+        version: (r.meta.version > 0).then_some(r.meta.version),
+        creation_time: r.meta.creation_time,
+        modification_time: r.meta.modification_time,
+        spec: Some(r.spec.clone()),
+    };
+    serde_json::to_value(doc).expect("documents serialize")
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 { format!("{}...", &s[..57]) } else { s }
+}
+
+/// One document of a multi-document input that failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct DocumentError {
+    /// 1-based position in the input.
+    pub index: usize,
+    /// `MeshTimeout "x" in mesh "default"` when known.
+    pub what: Option<String>,
+    pub invalid: Invalid,
+}
+
+impl fmt::Display for DocumentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.what {
+            Some(w) => write!(f, "document {} ({w}): {}", self.index, self.invalid),
+            None => write!(f, "document {}: {}", self.index, self.invalid),
+        }
+    }
+}
+
+/// Errors of a whole input: every failing document, or a syntax error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ParseError(pub Vec<DocumentError>);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let msgs: Vec<String> = self.0.iter().map(|e| e.to_string()).collect();
+        f.write_str(&msgs.join("\n"))
+    }
+}
+
+fn describe(v: &Value) -> Option<String> {
+    let kind = v.get("type")?.as_str()?;
+    let name = v.get("name").and_then(Value::as_str).unwrap_or("?");
+    Some(match v.get("mesh").and_then(Value::as_str) {
+        Some(m) => format!("{kind} {name:?} in mesh {m:?}"),
+        None => format!("{kind} {name:?}"),
+    })
+}
+
+/// Parse documents given as JSON values; every failing document is reported.
+pub fn from_values(values: Vec<Value>) -> Result<Vec<Resource>, ParseError> {
+    let mut out = Vec::with_capacity(values.len());
+    let mut errs = Vec::new();
+    for (i, v) in values.into_iter().enumerate() {
+        let what = describe(&v);
+        match from_value(v) {
+            Ok(r) => out.push(r),
+            Err(invalid) => errs.push(DocumentError { index: i + 1, what, invalid }),
+        }
+    }
+    if errs.is_empty() { Ok(out) } else { Err(ParseError(errs)) }
+}
+
+/// Split YAML text (one or more `---`-separated documents) into JSON values, skipping empty
+/// documents. A syntax error names the line and column.
+pub fn yaml_values(text: &str) -> Result<Vec<Value>, ParseError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+        ParseError(vec![DocumentError { index: 1, what: None, invalid: Invalid::one("", format!("malformed YAML: {e}")) }])
+    })?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Split JSON text into values: one object, an array of objects, or `{"items": [...]}`.
+pub fn json_values(text: &str) -> Result<Vec<Value>, ParseError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        ParseError(vec![DocumentError { index: 1, what: None, invalid: Invalid::one("", format!("malformed JSON: {e}")) }])
+    })?;
+    Ok(match v {
+        Value::Array(items) => items,
+        Value::Object(mut m) if !m.contains_key("type") && m.get("items").is_some_and(Value::is_array) => {
+            match m.remove("items") {
+                Some(Value::Array(items)) => items,
+                _ => unreachable!("checked above"),
+            }
+        }
+        other => vec![other],
+    })
+}
+
+/// Parse YAML or JSON text (JSON when it starts with `{` or `[`).
+pub fn parse(text: &str) -> Result<Vec<Resource>, ParseError> {
+    let t = text.trim_start();
+    let values = if t.starts_with('{') || t.starts_with('[') { json_values(text)? } else { yaml_values(text)? };
+    from_values(values)
+}
+
+/// Multi-document YAML for the given resources.
+pub fn to_yaml(resources: &[Resource]) -> String {
+    let mut out = String::new();
+    for (i, r) in resources.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&value_to_yaml(&to_value(r)));
+    }
+    out
+}
+
+/// One value as YAML text.
+pub fn value_to_yaml(v: &Value) -> String {
+    let mut s = serde_saphyr::to_string(v).expect("JSON values serialize to YAML");
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+/// A JSON array of documents for the given resources.
+pub fn to_json(resources: &[Resource]) -> String {
+    let docs: Vec<Value> = resources.iter().map(to_value).collect();
+    serde_json::to_string_pretty(&docs).expect("JSON values serialize")
+}
