@@ -86,6 +86,11 @@ impl Kind {
         })
     }
 
+    /// The kind whose `type` name is exactly `s` (as documents and the wire spell it).
+    pub fn from_name(s: &str) -> Option<Kind> {
+        Kind::ALL.iter().copied().find(|k| k.name() == s)
+    }
+
     /// The list of `type` names, for error messages.
     pub fn names() -> String {
         Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
@@ -120,11 +125,7 @@ impl<'de> serde::Deserialize<'de> for Kind {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         // Exact type names only on the wire; `lookup` is for humans.
-        Kind::ALL
-            .iter()
-            .copied()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| serde::de::Error::custom(UnknownKind(s)))
+        Kind::from_name(&s).ok_or_else(|| serde::de::Error::custom(UnknownKind(s)))
     }
 }
 

@@ -1,1 +1,66 @@
-fn main(){}
+//! weft-global: parse the command line, set up logging, call into the library.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use weft_global::config::{Cli, Command, Config, LogFormat, TokenCommand};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => match Config::resolve(args) {
+            Ok(cfg) => {
+                init_logs(cfg.log_format);
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                weft_global::run(cfg, shutdown).await
+            }
+            Err(e) => Err(e),
+        },
+        Command::Migrate(db) => {
+            init_logs(LogFormat::Text);
+            weft_global::migrate(&db.postgres_url).await
+        }
+        Command::Token {
+            command: TokenCommand::Rotate { role, db },
+        } => {
+            init_logs(LogFormat::Text);
+            weft_global::rotate_token(&db.postgres_url, role)
+                .await
+                .map(|t| println!("{t}"))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-global: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

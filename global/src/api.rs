@@ -1,0 +1,781 @@
+//! The REST API (see docs/api.md): CRUD for every kind, batch apply, inspect, health,
+//! readiness, metrics and the OpenAPI document. Store errors become HTTP statuses here and
+//! only here.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State as Extract};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use weft_core::document::{self, ParseError};
+use weft_core::store::{self, ListQuery, Outcome, Store};
+use weft_core::{Invalid, Key, Kind, ORIGIN_LABEL, Owner, Resource, Scope, ZONE_LABEL};
+
+use crate::auth::{Auth, Role};
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+
+/// Largest request body: a 10,000-policy apply fits comfortably.
+pub const MAX_BODY: usize = 64 << 20;
+/// Largest page of a list.
+pub const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+#[derive(Clone)]
+pub struct State {
+    pub store: Arc<dyn Store>,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: State) -> Router {
+    let api = Router::new()
+        .route("/_apply", post(apply))
+        .route("/_inspect/meshes", get(inspect_meshes))
+        .route("/meshes/{mesh}/{plural}", get(list_in_mesh))
+        .route(
+            "/meshes/{mesh}/{plural}/{name}",
+            get(get_in_mesh).put(put_in_mesh).delete(delete_in_mesh),
+        )
+        .route("/{plural}", get(list_top))
+        .route(
+            "/{plural}/{name}",
+            get(get_top).put(put_top).delete(delete_top),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let open = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        );
+    api.merge(open)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not found",
+                "no such route (see /openapi.json)",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+#[derive(Debug, Serialize)]
+pub struct ErrorItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+/// The one error body every route answers with.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub title: &'static str,
+    pub detail: String,
+    pub errors: Vec<ErrorItem>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn bad_request(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::from(Invalid::one(field, message))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "status": self.status.as_u16(),
+            "title": self.title,
+            "detail": self.detail,
+            "errors": self.errors,
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(i: Invalid) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            title: "invalid resource",
+            detail: i.to_string(),
+            errors: i
+                .errors
+                .into_iter()
+                .map(|e| ErrorItem {
+                    document: None,
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<ParseError> for ApiError {
+    fn from(p: ParseError) -> ApiError {
+        let detail = p.to_string();
+        let errors =
+            p.0.into_iter()
+                .flat_map(|d| {
+                    let index = d.index;
+                    d.invalid.errors.into_iter().map(move |e| ErrorItem {
+                        document: Some(index),
+                        field: e.field,
+                        message: e.message,
+                    })
+                })
+                .collect();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            title: "invalid resource",
+            detail,
+            errors,
+        }
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> ApiError {
+        let detail = e.to_string();
+        match e {
+            store::Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not found", detail),
+            store::Error::Conflict { .. } | store::Error::AlreadyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", detail)
+            }
+            store::Error::Invalid(i) => ApiError::from(i),
+            store::Error::Compacted { .. } => ApiError::new(StatusCode::GONE, "gone", detail),
+            store::Error::Backend(_) => {
+                tracing::warn!(error = %detail, "store request failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable",
+                    format!("{detail} (retry later)"),
+                )
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---------------------------------------------------------------------------------------
+// Middleware
+
+/// Needs a bearer token; writes need the admin role.
+async fn authenticate(Extract(state): Extract<State>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(token) = token else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing token: send Authorization: Bearer <token> (the admin token is in <data-dir>/admin-token)").into_response();
+    };
+    let Some(role) = state.auth.check(token) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid or rotated token",
+        )
+        .into_response();
+    };
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if !read && !role.can_write() {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the {} token can only read", role.name()),
+        )
+        .into_response();
+    }
+    debug_assert!(read || role == Role::Admin);
+    next.run(req).await
+}
+
+/// Count and time every request.
+async fn observe(Extract(state): Extract<State>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let uri = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            method: method.clone(),
+            route,
+        })
+        .observe(elapsed.as_secs_f64());
+    if status >= 500 {
+        tracing::warn!(%method, path = %uri, status, ms = elapsed.as_millis() as u64, "request failed");
+    } else {
+        tracing::debug!(%method, path = %uri, status, ms = elapsed.as_millis() as u64, "request");
+    }
+    resp
+}
+
+// ---------------------------------------------------------------------------------------
+// Health and metrics
+
+async fn readyz(Extract(state): Extract<State>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store did not answer within 2s\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(Extract(state): Extract<State>) -> Response {
+    let text = state.metrics.render(&*state.store).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads
+
+fn kind_of(plural: &str) -> ApiResult<Kind> {
+    Kind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.plural() == plural)
+        .ok_or_else(|| {
+            let all: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not found",
+                format!(
+                    "unknown resource type {plural:?} (expected one of {})",
+                    all.join(", ")
+                ),
+            )
+        })
+}
+
+fn mesh_scoped(plural: &str) -> ApiResult<Kind> {
+    let kind = kind_of(plural)?;
+    if kind.scope() != Scope::Mesh {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not found",
+            format!("{kind} is not mesh-scoped: use /{plural}"),
+        ));
+    }
+    Ok(kind)
+}
+
+fn global_scoped(plural: &str) -> ApiResult<Kind> {
+    let kind = kind_of(plural)?;
+    if kind.scope() != Scope::Global {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not found",
+            format!("{kind} is mesh-scoped: use /meshes/{{mesh}}/{plural}/{{name}}"),
+        ));
+    }
+    Ok(kind)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListParams {
+    label_selector: Option<String>,
+    size: Option<usize>,
+    next: Option<String>,
+}
+
+async fn list(
+    state: &State,
+    kind: Kind,
+    mesh: Option<String>,
+    p: ListParams,
+) -> ApiResult<Json<Value>> {
+    let selector = match &p.label_selector {
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| ApiError::bad_request("labelSelector", e))?,
+        None => Default::default(),
+    };
+    let size = p.size.unwrap_or(DEFAULT_PAGE);
+    if size == 0 || size > MAX_PAGE {
+        return Err(ApiError::bad_request(
+            "size",
+            format!("must be 1-{MAX_PAGE}"),
+        ));
+    }
+    let q = ListQuery {
+        kind,
+        mesh,
+        selector,
+        limit: Some(size),
+        after: p.next,
+    };
+    let page = state.store.list(&q).await?;
+    let items: Vec<Value> = page.items.iter().map(document::to_value).collect();
+    Ok(Json(json!({ "items": items, "next": page.next })))
+}
+
+async fn list_top(
+    Extract(state): Extract<State>,
+    Path(plural): Path<String>,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let kind = kind_of(&plural)?;
+    list(&state, kind, None, p).await
+}
+
+async fn list_in_mesh(
+    Extract(state): Extract<State>,
+    Path((mesh, plural)): Path<(String, String)>,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let kind = mesh_scoped(&plural)?;
+    list(&state, kind, Some(mesh), p).await
+}
+
+fn with_etag(status: StatusCode, r: &Resource) -> Response {
+    let mut resp = (status, Json(document::to_value(r))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", r.meta.version)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+async fn fetch(state: &State, key: Key) -> ApiResult<Response> {
+    match state.store.get(&key).await? {
+        Some(r) => Ok(with_etag(StatusCode::OK, &r)),
+        None => Err(store::Error::NotFound(key).into()),
+    }
+}
+
+async fn get_top(
+    Extract(state): Extract<State>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let kind = global_scoped(&plural)?;
+    fetch(&state, Key::new(kind, None, &name)).await
+}
+
+async fn get_in_mesh(
+    Extract(state): Extract<State>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let kind = mesh_scoped(&plural)?;
+    fetch(&state, Key::new(kind, Some(&mesh), &name)).await
+}
+
+async fn inspect_meshes(Extract(state): Extract<State>) -> ApiResult<Json<Value>> {
+    let counts = state.store.counts().await?;
+    let mut by_mesh = store::counts_by_mesh(&counts);
+    // Every mesh appears, also an empty one.
+    let mut q = ListQuery::all(Kind::Mesh);
+    q.limit = Some(MAX_PAGE);
+    loop {
+        let page = state.store.list(&q).await?;
+        for m in &page.items {
+            by_mesh.entry(m.name.clone()).or_default();
+        }
+        match page.next {
+            Some(n) => q.after = Some(n),
+            None => break,
+        }
+    }
+    let items: Vec<Value> = by_mesh
+        .into_iter()
+        .map(|(mesh, counts)| {
+            let total: u64 = counts.values().sum();
+            let counts: BTreeMap<&str, u64> =
+                counts.into_iter().map(|(k, n)| (k.name(), n)).collect();
+            json!({"mesh": mesh, "counts": counts, "total": total})
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+// ---------------------------------------------------------------------------------------
+// Writes
+
+fn is_yaml(headers: &HeaderMap, body: &[u8]) -> bool {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(ct) if ct.contains("yaml") => true,
+        Some(ct) if ct.contains("json") => false,
+        _ => !matches!(
+            body.iter().find(|b| !b.is_ascii_whitespace()),
+            Some(b'{') | Some(b'[')
+        ),
+    }
+}
+
+fn body_text(body: &Bytes) -> ApiResult<&str> {
+    std::str::from_utf8(body).map_err(|_| ApiError::bad_request("", "request body is not UTF-8"))
+}
+
+/// Refuse kinds global may not write (before looking at their spec: that is the useful
+/// message).
+fn writable(kind: Kind) -> Result<(), Invalid> {
+    if kind.owner() == Owner::Zone {
+        return Err(Invalid::one(
+            "type",
+            format!(
+                "{kind} is owned by zones and cannot be written on global (apply it on the zone's control plane)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Stamp global's origin on what it writes.
+fn stamp(mut r: Resource) -> Resource {
+    r.labels
+        .insert(ORIGIN_LABEL.to_string(), "global".to_string());
+    r.labels.remove(ZONE_LABEL);
+    r
+}
+
+/// Check that the meshes named exist (in the store, or created by the same batch).
+async fn check_meshes(state: &State, resources: &[Resource]) -> ApiResult<Vec<Option<Invalid>>> {
+    let in_batch: HashSet<&str> = resources
+        .iter()
+        .filter(|r| r.kind == Kind::Mesh)
+        .map(|r| r.name.as_str())
+        .collect();
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    let mut out = Vec::with_capacity(resources.len());
+    for r in resources {
+        let Some(mesh) = r.mesh.as_deref() else {
+            out.push(None);
+            continue;
+        };
+        if in_batch.contains(mesh) {
+            out.push(None);
+            continue;
+        }
+        let exists = match known.get(mesh) {
+            Some(e) => *e,
+            None => {
+                let e = state
+                    .store
+                    .get(&Key::new(Kind::Mesh, None, mesh))
+                    .await?
+                    .is_some();
+                known.insert(mesh.to_string(), e);
+                e
+            }
+        };
+        out.push((!exists).then(|| {
+            Invalid::one(
+                "mesh",
+                format!("mesh {mesh:?} does not exist (create it first)"),
+            )
+        }));
+    }
+    Ok(out)
+}
+
+/// Parse a single-document body, filling `type`, `name` and `mesh` from the path.
+fn parse_one(
+    headers: &HeaderMap,
+    body: &Bytes,
+    kind: Kind,
+    mesh: Option<&str>,
+    name: &str,
+) -> ApiResult<Resource> {
+    let text = body_text(body)?;
+    let values = if is_yaml(headers, body) {
+        document::yaml_values(text)?
+    } else {
+        document::json_values(text)?
+    };
+    let mut value = match <[Value; 1]>::try_from(values) {
+        Ok([v]) => v,
+        Err(v) => {
+            return Err(ApiError::bad_request(
+                "",
+                format!("expected one document, got {}", v.len()),
+            ));
+        }
+    };
+    let Some(obj) = value.as_object_mut() else {
+        return Err(ApiError::bad_request("", "expected a resource object"));
+    };
+    let mut expect = vec![
+        ("type", kind.name().to_string()),
+        ("name", name.to_string()),
+    ];
+    if let Some(m) = mesh {
+        expect.push(("mesh", m.to_string()));
+    }
+    for (field, want) in expect {
+        match obj.get(field) {
+            None => {
+                obj.insert(field.to_string(), Value::String(want));
+            }
+            Some(Value::String(got)) if *got == want => {}
+            Some(got) => {
+                return Err(ApiError::bad_request(
+                    field,
+                    format!("{got} does not match the URL ({want:?})"),
+                ));
+            }
+        }
+    }
+    Ok(document::from_value(value)?)
+}
+
+fn version_header(headers: &HeaderMap, name: header::HeaderName) -> ApiResult<Option<String>> {
+    headers
+        .get(&name)
+        .map(|v| {
+            v.to_str().map(|s| {
+                s.trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_string()
+            })
+        })
+        .transpose()
+        .map_err(|_| ApiError::bad_request(name.as_str(), "not valid text"))
+}
+
+async fn put(
+    state: &State,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+    mesh: Option<&str>,
+    name: &str,
+) -> ApiResult<Response> {
+    writable(kind)?;
+    let r = stamp(parse_one(&headers, &body, kind, mesh, name)?);
+    if let Some(Some(invalid)) = check_meshes(state, std::slice::from_ref(&r)).await?.pop() {
+        return Err(invalid.into());
+    }
+    if let Some(v) = version_header(&headers, header::IF_MATCH)? {
+        let expected: u64 = v.parse().map_err(|_| {
+            ApiError::bad_request("If-Match", format!("{v:?} is not a version number"))
+        })?;
+        let r = state.store.update(r, expected).await?;
+        return Ok(with_etag(StatusCode::OK, &r));
+    }
+    if version_header(&headers, header::IF_NONE_MATCH)?.as_deref() == Some("*") {
+        let r = state.store.create(r).await?;
+        return Ok(with_etag(StatusCode::CREATED, &r));
+    }
+    let outcome = state
+        .store
+        .apply(vec![r], false)
+        .await?
+        .pop()
+        .expect("one outcome per resource");
+    let status = if matches!(outcome, Outcome::Created(_)) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(with_etag(status, outcome.resource()))
+}
+
+async fn put_top(
+    Extract(state): Extract<State>,
+    Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let kind = global_scoped(&plural)?;
+    put(&state, headers, body, kind, None, &name).await
+}
+
+async fn put_in_mesh(
+    Extract(state): Extract<State>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let kind = mesh_scoped(&plural)?;
+    put(&state, headers, body, kind, Some(&mesh), &name).await
+}
+
+async fn delete(state: &State, headers: HeaderMap, key: Key) -> ApiResult<Json<Value>> {
+    if key.kind.owner() == Owner::Zone {
+        return Err(ApiError::bad_request(
+            "type",
+            format!(
+                "{} is owned by zones and cannot be deleted on global",
+                key.kind
+            ),
+        ));
+    }
+    let expected = match version_header(&headers, header::IF_MATCH)? {
+        Some(v) => Some(v.parse().map_err(|_| {
+            ApiError::bad_request("If-Match", format!("{v:?} is not a version number"))
+        })?),
+        None => None,
+    };
+    state.store.delete(&key, expected).await?;
+    Ok(Json(json!({})))
+}
+
+async fn delete_top(
+    Extract(state): Extract<State>,
+    Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let kind = global_scoped(&plural)?;
+    delete(&state, headers, Key::new(kind, None, &name)).await
+}
+
+async fn delete_in_mesh(
+    Extract(state): Extract<State>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let kind = mesh_scoped(&plural)?;
+    delete(&state, headers, Key::new(kind, Some(&mesh), &name)).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyParams {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Validate every document, then write all of them in one transaction, or none.
+async fn apply(
+    Extract(state): Extract<State>,
+    Query(p): Query<ApplyParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let text = body_text(&body)?;
+    let values = if is_yaml(&headers, &body) {
+        document::yaml_values(text)?
+    } else {
+        document::json_values(text)?
+    };
+    let mut errors = Vec::new();
+    let mut resources = Vec::with_capacity(values.len());
+    let mut described = Vec::with_capacity(values.len());
+    for (i, v) in values.into_iter().enumerate() {
+        let what = document::describe(&v);
+        let owner_check = v
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(Kind::from_name)
+            .map_or(Ok(()), writable);
+        match owner_check.and_then(|()| document::from_value(v)) {
+            Ok(r) => {
+                resources.push(stamp(r));
+                described.push((i + 1, what));
+            }
+            Err(invalid) => errors.push(document::DocumentError {
+                index: i + 1,
+                what,
+                invalid,
+            }),
+        }
+    }
+    let mesh_checks = check_meshes(&state, &resources).await?;
+    let mut seen = HashSet::new();
+    for ((r, mesh_check), (index, what)) in resources.iter().zip(mesh_checks).zip(described) {
+        let mut problems = mesh_check.unwrap_or_default();
+        if !seen.insert(r.key()) {
+            problems.add("name", format!("{} appears twice in this request", r.key()));
+        }
+        if !problems.is_empty() {
+            errors.push(document::DocumentError {
+                index,
+                what,
+                invalid: problems,
+            });
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.index);
+        return Err(ParseError(errors).into());
+    }
+    let admitted = resources;
+    let outcomes = state.store.apply(admitted, p.dry_run).await?;
+    let mut summary: BTreeMap<&str, usize> =
+        [("created", 0), ("updated", 0), ("unchanged", 0)].into();
+    let results: Vec<Value> = outcomes
+        .iter()
+        .map(|o| {
+            *summary.entry(o.action()).or_default() += 1;
+            let r = o.resource();
+            json!({"type": r.kind.name(), "mesh": r.mesh, "name": r.name, "action": o.action(), "version": r.meta.version})
+        })
+        .collect();
+    if !p.dry_run {
+        tracing::info!(
+            created = summary["created"],
+            updated = summary["updated"],
+            unchanged = summary["unchanged"],
+            "applied resources"
+        );
+    }
+    Ok(Json(
+        json!({"dryRun": p.dry_run, "results": results, "summary": summary}),
+    ))
+}

@@ -1,0 +1,597 @@
+//! The REST API served in-process on 127.0.0.1:0 over the memory store, driven by a real
+//! HTTP client.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use weft_core::store::{Memory, Store};
+use weft_global::config::Config;
+
+struct Server {
+    url: String,
+    admin: String,
+    readonly: String,
+    http: reqwest::Client,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start() -> Server {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(weft_global::serve(
+        cfg,
+        store.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let http = reqwest::Client::new();
+    // Ready once the token files exist and /readyz answers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/readyz")).send().await
+            && r.status() == StatusCode::OK
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not become ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.path().join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    Server {
+        admin: read("admin-token"),
+        readonly: read("readonly-token"),
+        url,
+        http,
+        store,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+    }
+
+    async fn apply_yaml(&self, yaml: &str) -> (StatusCode, Value) {
+        let r = self
+            .req(reqwest::Method::POST, "/_apply")
+            .header("content-type", "application/yaml")
+            .body(yaml.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap())
+    }
+
+    async fn count(&self, kind: weft_core::Kind) -> usize {
+        self.store
+            .list(&weft_core::store::ListQuery::all(kind))
+            .await
+            .unwrap()
+            .items
+            .len()
+    }
+}
+
+const TIMEOUT: &str = r#"
+type: MeshTimeout
+name: backend-timeouts
+mesh: default
+labels: {team: payments}
+spec:
+  targetRef: {kind: Mesh}
+  to:
+    - targetRef: {kind: MeshService, name: backend}
+      default: {connectionTimeout: 2s, http: {requestTimeout: 5s}}
+"#;
+
+#[tokio::test]
+async fn default_mesh_exists_on_first_start() {
+    let s = start().await;
+    let r = s
+        .req(reqwest::Method::GET, "/meshes/default")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "Mesh");
+    assert_eq!(body["labels"]["weft.io/origin"], "global");
+}
+
+#[tokio::test]
+async fn authentication_and_roles() {
+    let s = start().await;
+    let anon = s
+        .http
+        .get(format!("{}/meshes", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), StatusCode::UNAUTHORIZED);
+    let anon_write = s
+        .http
+        .post(format!("{}/_apply", s.url))
+        .body(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon_write.status(), StatusCode::UNAUTHORIZED);
+    let wrong = s
+        .http
+        .get(format!("{}/meshes", s.url))
+        .bearer_auth("weft-admin-forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let ro = s
+        .http
+        .get(format!("{}/meshes", s.url))
+        .bearer_auth(&s.readonly)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ro.status(), StatusCode::OK);
+    let ro_write = s
+        .http
+        .post(format!("{}/_apply", s.url))
+        .bearer_auth(&s.readonly)
+        .body(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ro_write.status(), StatusCode::FORBIDDEN);
+    assert_eq!(s.count(weft_core::Kind::MeshTimeout).await, 0);
+    // Health, readiness, metrics and the OpenAPI document need no token.
+    for p in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(
+            s.http
+                .get(format!("{}{p}", s.url))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK,
+            "{p}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn crud_with_versions() {
+    let s = start().await;
+    let path = "/meshes/default/meshtimeouts/backend-timeouts";
+    let r = s
+        .req(reqwest::Method::PUT, path)
+        .header("content-type", "application/yaml")
+        .body(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["etag"], "\"1\"");
+    let got: Value = s
+        .req(reqwest::Method::GET, path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["version"], 1);
+    assert_eq!(got["labels"]["team"], "payments");
+    assert_eq!(got["labels"]["weft.io/origin"], "global");
+    assert_eq!(
+        got["spec"]["to"][0]["default"]["http"]["requestTimeout"],
+        "5s"
+    );
+    // Same content again: unchanged, same version.
+    let r = s
+        .req(reqwest::Method::PUT, path)
+        .header("content-type", "application/yaml")
+        .body(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["etag"], "\"1\"");
+    // Body without type/name/mesh takes them from the URL; a mismatch is refused.
+    let body = json!({"spec": {"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "Mesh"}, "default": {"idleTimeout": "1m"}}]}});
+    let r = s
+        .req(reqwest::Method::PUT, path)
+        .header("if-match", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    let mut wrong = body.clone();
+    wrong["name"] = json!("other");
+    let r = s
+        .req(reqwest::Method::PUT, path)
+        .json(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["errors"][0]["field"], "name");
+    // Create-only on an existing resource.
+    let r = s
+        .req(reqwest::Method::PUT, path)
+        .header("if-none-match", "*")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    // List, in the mesh and across meshes, with a selector.
+    let list: Value = s
+        .req(reqwest::Method::GET, "/meshes/default/meshtimeouts")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert!(list["next"].is_null());
+    let list: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/meshtimeouts?labelSelector=team%3Dnobody",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    // Delete with a stale version fails, then succeeds.
+    let r = s
+        .req(reqwest::Method::DELETE, path)
+        .header("if-match", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let r = s.req(reqwest::Method::DELETE, path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s.req(reqwest::Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["detail"].as_str().unwrap().contains("backend-timeouts"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn two_writers_from_the_same_version_one_wins() {
+    let s = start().await;
+    let path = "/meshes/default/meshtimeouts/backend-timeouts";
+    s.req(reqwest::Method::PUT, path)
+        .header("content-type", "application/yaml")
+        .body(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    let a = TIMEOUT.replace("5s", "6s");
+    let b = TIMEOUT.replace("5s", "7s");
+    let (ra, rb) = tokio::join!(
+        s.req(reqwest::Method::PUT, path)
+            .header("content-type", "application/yaml")
+            .header("if-match", "1")
+            .body(a)
+            .send(),
+        s.req(reqwest::Method::PUT, path)
+            .header("content-type", "application/yaml")
+            .header("if-match", "1")
+            .body(b)
+            .send(),
+    );
+    let mut statuses = [ra.unwrap(), rb.unwrap()];
+    statuses.sort_by_key(|r| r.status());
+    let [ok, conflict] = statuses;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(conflict.status(), StatusCode::CONFLICT);
+    let e: Value = conflict.json().await.unwrap();
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"backend-timeouts\""),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn apply_summary_and_dry_run() {
+    let s = start().await;
+    let yaml = format!(
+        "{TIMEOUT}---\ntype: Mesh\nname: other\n---\n{}",
+        TIMEOUT.replace("mesh: default", "mesh: other")
+    );
+    let r = s
+        .req(reqwest::Method::POST, "/_apply?dryRun=true")
+        .header("content-type", "application/yaml")
+        .body(yaml.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["summary"]["created"], 3);
+    assert_eq!(
+        s.count(weft_core::Kind::MeshTimeout).await,
+        0,
+        "dry run wrote nothing"
+    );
+    let (st, body) = s.apply_yaml(&yaml).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["summary"],
+        json!({"created": 3, "updated": 0, "unchanged": 0})
+    );
+    let (_, body) = s.apply_yaml(&yaml.replace("2s", "3s")).await;
+    assert_eq!(
+        body["summary"],
+        json!({"created": 0, "updated": 2, "unchanged": 1})
+    );
+    let inspect: Value = s
+        .req(reqwest::Method::GET, "/_inspect/meshes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = inspect["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["mesh"], "default");
+    assert_eq!(items[0]["counts"]["MeshTimeout"], 1);
+}
+
+/// Every bad input is a 400 naming the field, and nothing of the request is stored.
+#[tokio::test]
+async fn bad_input_names_the_field_and_stores_nothing() {
+    let s = start().await;
+    let ok_doc = "type: MeshTimeout\nname: fine\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {connectionTimeout: 1s}\n";
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "malformed YAML",
+            "type: MeshTimeout\nname: [unclosed\n",
+            "",
+            "malformed YAML",
+        ),
+        (
+            "unknown kind",
+            "type: MeshTimeOut\nname: x\nmesh: default\nspec: {}\n",
+            "type",
+            "unknown kind",
+        ),
+        (
+            "unknown field",
+            "type: MeshTimeout\nname: x\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {connectTimeout: 1s}\n",
+            "spec.to[0].default.connectTimeout",
+            "unknown field",
+        ),
+        (
+            "bad duration",
+            "type: MeshTimeout\nname: x\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {http: {requestTimeout: 5 seconds}}\n",
+            "spec.to[0].default.http.requestTimeout",
+            "invalid duration \"5 seconds\"",
+        ),
+        (
+            "name not a DNS label",
+            "type: MeshTimeout\nname: Backend_Timeouts\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {idleTimeout: 1s}\n",
+            "name",
+            "DNS label",
+        ),
+        (
+            "missing required field",
+            "type: MeshTimeout\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {idleTimeout: 1s}\n",
+            "",
+            "missing field `name`",
+        ),
+        (
+            "targetRef kind not allowed",
+            "type: MeshTimeout\nname: x\nmesh: default\nspec:\n  from:\n    - targetRef: {kind: MeshExternalService, name: ext}\n      default: {idleTimeout: 1s}\n",
+            "spec.from[0].targetRef.kind",
+            "MeshExternalService is not allowed here",
+        ),
+        (
+            "zone-owned kind",
+            "type: Dataplane\nname: dp-1\nmesh: default\nspec: {}\n",
+            "type",
+            "owned by zones",
+        ),
+        (
+            "missing mesh",
+            "type: MeshTimeout\nname: x\nmesh: nowhere\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {idleTimeout: 1s}\n",
+            "mesh",
+            "does not exist",
+        ),
+    ];
+    for (what, bad, field, message) in cases {
+        // The bad document comes after a good one: nothing may be half-applied.
+        let (status, body) = s.apply_yaml(&format!("{ok_doc}---\n{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
+        let errors = body["errors"].as_array().unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e["field"] == *field && e["message"].as_str().unwrap().contains(message)),
+            "{what}: expected field {field:?} with {message:?}, got {body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap().contains(message),
+            "{what}: {body}"
+        );
+        assert_eq!(
+            s.count(weft_core::Kind::MeshTimeout).await,
+            0,
+            "{what}: nothing stored"
+        );
+    }
+}
+
+#[tokio::test]
+async fn openapi_matches_the_routes() {
+    let s = start().await;
+    let doc: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() > 40);
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{mesh}", "default")
+            .replace("{name}", "probe-name");
+        for method in ops.as_object().unwrap().keys() {
+            let m: reqwest::Method = method.to_uppercase().parse().unwrap();
+            let mut req = s.req(m.clone(), &concrete);
+            if m == reqwest::Method::PUT {
+                req = req.header("if-match", "999").json(&json!({"spec": {}}));
+            }
+            if m == reqwest::Method::POST {
+                req = req.header("content-type", "application/yaml").body("");
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            // Served by a route: never the router's 404 "no such route" or a 405.
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(!body.contains("no such route"), "{method} {path}: {body}");
+        }
+    }
+    // And a path it does not list is not served.
+    let r = s
+        .req(reqwest::Method::GET, "/meshes/default/meshtimeouts/x/y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_store_ops_and_resources() {
+    let s = start().await;
+    s.apply_yaml(TIMEOUT).await;
+    s.req(reqwest::Method::GET, "/meshes/default/meshtimeouts")
+        .send()
+        .await
+        .unwrap();
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("weft_http_requests_total{method=\"GET\",route=\"/meshes/{mesh}/{plural}\",status=\"200\"} 1"), "{text}");
+    assert!(
+        text.contains(
+            "weft_http_request_duration_seconds_count{method=\"POST\",route=\"/_apply\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_store_operation_duration_seconds_count{op=\"apply\",outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_resources{kind=\"MeshTimeout\",mesh=\"default\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_resources{kind=\"Mesh\",mesh=\"\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn pagination_over_http() {
+    let s = start().await;
+    let docs: Vec<String> = (0..250)
+        .map(|i| TIMEOUT.replace("backend-timeouts", &format!("t{i:03}")))
+        .collect();
+    let (st, _) = s.apply_yaml(&docs.join("---\n")).await;
+    assert_eq!(st, StatusCode::OK);
+    let mut names = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut url = "/meshes/default/meshtimeouts?size=100".to_string();
+        if let Some(n) = &next {
+            url.push_str(&format!("&next={n}"));
+        }
+        let page: Value = s
+            .req(reqwest::Method::GET, &url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(names.len(), 250);
+    assert_eq!(names[0], "t000");
+    assert_eq!(names[249], "t249");
+    let r = s
+        .req(reqwest::Method::GET, "/meshes/default/meshtimeouts?size=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
