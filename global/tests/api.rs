@@ -1,5 +1,5 @@
-//! The REST API served in-process on 127.0.0.1:0 over the memory store, driven by a real
-//! HTTP client.
+//! The REST API served in-process on 127.0.0.1:0, driven by a real HTTP client. Every case
+//! runs twice: on the memory store and on real PostgreSQL (a database of its own).
 
 use std::sync::Arc;
 
@@ -25,7 +25,38 @@ impl Drop for Server {
     }
 }
 
-async fn start() -> Server {
+#[derive(Clone, Copy)]
+enum Backend {
+    Memory,
+    Postgres,
+}
+
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::start(super::Backend::Memory).await).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::start(super::Backend::Postgres).await).await } )*
+        }
+    };
+}
+
+on_both_stores!(
+    default_mesh_exists_on_first_start,
+    authentication_and_roles,
+    crud_with_versions,
+    two_writers_from_the_same_version_one_wins,
+    apply_summary_and_dry_run,
+    bad_input_names_the_field_and_stores_nothing,
+    openapi_matches_the_routes,
+    metrics_count_requests_store_ops_and_resources,
+    pagination_over_http,
+);
+
+async fn start(backend: Backend) -> Server {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config {
@@ -34,7 +65,14 @@ async fn start() -> Server {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    let store: Arc<dyn Store> = match backend {
+        Backend::Memory => Arc::new(Memory::new()),
+        Backend::Postgres => Arc::new(
+            weft_global::pg::testing::TestStore::create()
+                .await
+                .expect("test database"),
+        ),
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(weft_global::serve(
         cfg,
@@ -114,9 +152,7 @@ spec:
       default: {connectionTimeout: 2s, http: {requestTimeout: 5s}}
 "#;
 
-#[tokio::test]
-async fn default_mesh_exists_on_first_start() {
-    let s = start().await;
+async fn default_mesh_exists_on_first_start(s: Server) {
     let r = s
         .req(reqwest::Method::GET, "/meshes/default")
         .send()
@@ -128,9 +164,7 @@ async fn default_mesh_exists_on_first_start() {
     assert_eq!(body["labels"]["weft.io/origin"], "global");
 }
 
-#[tokio::test]
-async fn authentication_and_roles() {
-    let s = start().await;
+async fn authentication_and_roles(s: Server) {
     let anon = s
         .http
         .get(format!("{}/meshes", s.url))
@@ -187,9 +221,7 @@ async fn authentication_and_roles() {
     }
 }
 
-#[tokio::test]
-async fn crud_with_versions() {
-    let s = start().await;
+async fn crud_with_versions(s: Server) {
     let path = "/meshes/default/meshtimeouts/backend-timeouts";
     let r = s
         .req(reqwest::Method::PUT, path)
@@ -298,9 +330,7 @@ async fn crud_with_versions() {
     );
 }
 
-#[tokio::test]
-async fn two_writers_from_the_same_version_one_wins() {
-    let s = start().await;
+async fn two_writers_from_the_same_version_one_wins(s: Server) {
     let path = "/meshes/default/meshtimeouts/backend-timeouts";
     s.req(reqwest::Method::PUT, path)
         .header("content-type", "application/yaml")
@@ -337,9 +367,7 @@ async fn two_writers_from_the_same_version_one_wins() {
     );
 }
 
-#[tokio::test]
-async fn apply_summary_and_dry_run() {
-    let s = start().await;
+async fn apply_summary_and_dry_run(s: Server) {
     let yaml = format!(
         "{TIMEOUT}---\ntype: Mesh\nname: other\n---\n{}",
         TIMEOUT.replace("mesh: default", "mesh: other")
@@ -385,9 +413,7 @@ async fn apply_summary_and_dry_run() {
 }
 
 /// Every bad input is a 400 naming the field, and nothing of the request is stored.
-#[tokio::test]
-async fn bad_input_names_the_field_and_stores_nothing() {
-    let s = start().await;
+async fn bad_input_names_the_field_and_stores_nothing(s: Server) {
     let ok_doc = "type: MeshTimeout\nname: fine\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {connectionTimeout: 1s}\n";
     let cases: &[(&str, &str, &str, &str)] = &[
         (
@@ -468,9 +494,7 @@ async fn bad_input_names_the_field_and_stores_nothing() {
     }
 }
 
-#[tokio::test]
-async fn openapi_matches_the_routes() {
-    let s = start().await;
+async fn openapi_matches_the_routes(s: Server) {
     let doc: Value = s
         .http
         .get(format!("{}/openapi.json", s.url))
@@ -512,9 +536,7 @@ async fn openapi_matches_the_routes() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn metrics_count_requests_store_ops_and_resources() {
-    let s = start().await;
+async fn metrics_count_requests_store_ops_and_resources(s: Server) {
     s.apply_yaml(TIMEOUT).await;
     s.req(reqwest::Method::GET, "/meshes/default/meshtimeouts")
         .send()
@@ -550,9 +572,7 @@ async fn metrics_count_requests_store_ops_and_resources() {
     );
 }
 
-#[tokio::test]
-async fn pagination_over_http() {
-    let s = start().await;
+async fn pagination_over_http(s: Server) {
     let docs: Vec<String> = (0..250)
         .map(|i| TIMEOUT.replace("backend-timeouts", &format!("t{i:03}")))
         .collect();
