@@ -189,3 +189,101 @@ pub fn to_json(resources: &[Resource]) -> String {
     let docs: Vec<Value> = resources.iter().map(to_value).collect();
     serde_json::to_string_pretty(&docs).expect("JSON values serialize")
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const TIMEOUT: &str = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n    - targetRef: {kind: Mesh}\n      default: {idleTimeout: 1s}\n";
+
+    #[test]
+    fn json_input_forms() {
+        let doc = json!({"type": "Zone", "name": "east", "spec": {}});
+        for text in [
+            doc.to_string(),
+            json!([doc, doc]).to_string(),
+            json!({"items": [doc]}).to_string(),
+        ] {
+            let values = json_values(&text).unwrap();
+            assert!(!values.is_empty(), "{text}");
+            assert!(values.iter().all(|v| v == &doc), "{text}");
+        }
+        // An object with `type` is a document even if it has an `items` field.
+        let odd = json!({"type": "Zone", "name": "z", "items": []});
+        assert_eq!(json_values(&odd.to_string()).unwrap(), [odd]);
+    }
+
+    #[test]
+    fn empty_yaml_documents_are_skipped() {
+        let text = format!("---\n{TIMEOUT}---\n---\n{TIMEOUT}");
+        assert_eq!(parse(&text).unwrap().len(), 2);
+        assert!(parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_only_fields_are_carried_and_written_back() {
+        let text = format!(
+            "{TIMEOUT}version: 7\ncreationTime: 2026-11-22T10:00:00Z\nmodificationTime: 2026-11-22T10:05:00Z\n"
+        );
+        let r = parse(&text).unwrap().remove(0);
+        assert_eq!(r.meta.version, 7);
+        assert_eq!(
+            r.meta.creation_time.unwrap().to_rfc3339(),
+            "2026-11-22T10:00:00+00:00"
+        );
+        let v = to_value(&r);
+        assert_eq!(v["version"], 7);
+        assert_eq!(v["modificationTime"], "2026-11-22T10:05:00Z");
+        assert_eq!(parse(&to_yaml(&[r.clone()])).unwrap(), [r]);
+
+        // Never-stored resources (version 0) have no read-only fields.
+        let fresh = parse(TIMEOUT).unwrap().remove(0);
+        let v = to_value(&fresh);
+        for field in ["version", "creationTime", "modificationTime"] {
+            assert!(v.get(field).is_none(), "{field} in {v}");
+        }
+    }
+
+    #[test]
+    fn missing_spec_is_an_empty_object_in_canonical_form() {
+        let r = parse("type: Zone\nname: east\n").unwrap().remove(0);
+        assert_eq!(r.spec, json!({"enabled": true}));
+        let err = parse("type: Dataplane\nname: dp\nmesh: default\n").unwrap_err();
+        assert_eq!(err.0[0].invalid.errors[0].field, "spec");
+        assert!(
+            err.0[0].invalid.errors[0]
+                .message
+                .contains("missing field `networking`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn documents_are_described_before_validation() {
+        assert_eq!(
+            describe(&json!({"type": "Zone", "name": "east"})).as_deref(),
+            Some(r#"Zone "east""#)
+        );
+        assert_eq!(
+            describe(&json!({"type": "MeshTimeout", "mesh": "default"})).as_deref(),
+            Some(r#"MeshTimeout "?" in mesh "default""#)
+        );
+        assert_eq!(describe(&json!({"name": "x"})), None);
+    }
+
+    #[test]
+    fn a_document_that_is_not_an_object() {
+        let err = parse("- a\n- b\n").unwrap_err();
+        assert_eq!(
+            err.0[0].invalid.errors[0].message,
+            r#"expected a resource object, got ["a","b"]"#
+        );
+        let err = parse("type: 5\nname: x\n").unwrap_err();
+        assert_eq!(
+            err.0[0].invalid.to_string(),
+            "type: expected a kind name, got 5"
+        );
+    }
+}

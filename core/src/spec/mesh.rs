@@ -91,13 +91,21 @@ impl Spec for MeshSpec {
             let mut seen = std::collections::HashSet::new();
             for (i, b) in mtls.backends.iter().enumerate() {
                 if !seen.insert(&b.name) {
-                    errs.add(format!("{p}.backends[{i}].name"), format!("duplicate backend name {:?}", b.name.0));
+                    errs.add(
+                        format!("{p}.backends[{i}].name"),
+                        format!("duplicate backend name {:?}", b.name.0),
+                    );
                 }
             }
             if let Some(enabled) = &mtls.enabled_backend
                 && !mtls.backends.iter().any(|b| &b.name.0 == enabled)
             {
-                errs.add(join(&p, "enabledBackend"), format!("no backend named {enabled:?} in mtls.backends (add it, or fix the name)"));
+                errs.add(
+                    join(&p, "enabledBackend"),
+                    format!(
+                        "no backend named {enabled:?} in mtls.backends (add it, or fix the name)"
+                    ),
+                );
             }
         }
     }

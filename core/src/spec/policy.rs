@@ -7,8 +7,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::Spec;
+use super::fields::index;
 use super::target_ref::{TargetKind, TargetRef};
-use crate::validate::{Duration, Invalid, join};
+use crate::validate::{Invalid, join};
 
 /// Where a policy's configuration may appear and what each targetRef may name.
 pub struct Sections {
@@ -24,16 +25,31 @@ pub struct Sections {
 
 /// Common allowed lists.
 pub mod allow {
-    use super::TargetKind::*;
     use super::TargetKind;
+    use super::TargetKind::*;
     /// Who a policy can apply to (the top-level targetRef).
     pub const TOP: &[TargetKind] = &[Mesh, MeshSubset, MeshService, MeshServiceSubset, Dataplane];
-    pub const TOP_WITH_ROUTE: &[TargetKind] = &[Mesh, MeshSubset, MeshService, MeshServiceSubset, Dataplane, MeshHttpRoute];
+    pub const TOP_WITH_ROUTE: &[TargetKind] = &[
+        Mesh,
+        MeshSubset,
+        MeshService,
+        MeshServiceSubset,
+        Dataplane,
+        MeshHttpRoute,
+    ];
     /// Destinations.
     pub const TO: &[TargetKind] = &[Mesh, MeshService, MeshExternalService];
     pub const TO_SERVICE: &[TargetKind] = &[Mesh, MeshService];
     /// Sources.
     pub const FROM: &[TargetKind] = &[Mesh, MeshSubset, MeshService, MeshServiceSubset];
+    /// Only the whole mesh (e.g. sources of a policy that cannot tell clients apart).
+    pub const MESH: &[TargetKind] = &[Mesh];
+    /// Destinations of a route.
+    pub const ROUTE_TO: &[TargetKind] = &[MeshService, MeshExternalService];
+    /// Where a route may send traffic.
+    pub const BACKEND: &[TargetKind] = &[MeshService, MeshServiceSubset, MeshExternalService];
+    /// Where a route may mirror traffic.
+    pub const MIRROR: &[TargetKind] = &[MeshService, MeshServiceSubset];
     pub const NONE: &[TargetKind] = &[];
 }
 
@@ -79,93 +95,84 @@ pub struct PolicySpec<C> {
     pub default: Option<C>,
 }
 
+impl Sections {
+    /// The sections this policy allows, for messages: `to, from, rules`.
+    pub fn options(&self) -> String {
+        let mut options = Vec::new();
+        if !self.to.is_empty() {
+            options.push("to");
+        }
+        if !self.from.is_empty() {
+            options.push("from");
+        }
+        if self.rules {
+            options.push("rules");
+        }
+        if self.default {
+            options.push("default");
+        }
+        options.join(", ")
+    }
+}
+
 impl<C: Conf> Spec for PolicySpec<C> {
     fn validate(&self, path: &str, errs: &mut Invalid) {
         let s = C::SECTIONS;
         self.target_ref.check(&join(path, "targetRef"), s.top, errs);
-        let mut present = Vec::new();
-        if let Some(to) = &self.to {
-            present.push("to");
-            if s.to.is_empty() {
-                errs.add(join(path, "to"), "not allowed for this policy (use from or rules)");
+        let mut present = false;
+        // Each present section: is it allowed here, is it non-empty, then check its entries.
+        let mut section = |name: &str, allowed: bool, len: usize, errs: &mut Invalid| {
+            present = true;
+            let p = join(path, name);
+            if !allowed {
+                errs.add(
+                    p,
+                    format!("not allowed for this policy (use {} instead)", s.options()),
+                );
+                false
+            } else if len == 0 {
+                errs.add(p, "must not be empty (add an entry, or remove the field)");
+                false
             } else {
-                for (i, e) in to.iter().enumerate() {
-                    let p = format!("{}[{i}]", join(path, "to"));
-                    e.target_ref.check(&join(&p, "targetRef"), s.to, errs);
-                    e.default.validate(&join(&p, "default"), errs);
-                }
+                true
+            }
+        };
+        if let Some(to) = &self.to
+            && section("to", !s.to.is_empty(), to.len(), errs)
+        {
+            for (i, e) in to.iter().enumerate() {
+                let p = index(path, "to", i);
+                e.target_ref.check(&join(&p, "targetRef"), s.to, errs);
+                e.default.validate(&join(&p, "default"), errs);
             }
         }
-        if let Some(from) = &self.from {
-            present.push("from");
-            if s.from.is_empty() {
-                errs.add(join(path, "from"), "not allowed for this policy (use to)");
-            } else {
-                for (i, e) in from.iter().enumerate() {
-                    let p = format!("{}[{i}]", join(path, "from"));
-                    e.target_ref.check(&join(&p, "targetRef"), s.from, errs);
-                    e.default.validate(&join(&p, "default"), errs);
-                }
+        if let Some(from) = &self.from
+            && section("from", !s.from.is_empty(), from.len(), errs)
+        {
+            for (i, e) in from.iter().enumerate() {
+                let p = index(path, "from", i);
+                e.target_ref.check(&join(&p, "targetRef"), s.from, errs);
+                e.default.validate(&join(&p, "default"), errs);
             }
         }
-        if let Some(rules) = &self.rules {
-            present.push("rules");
-            if !s.rules {
-                errs.add(join(path, "rules"), "not allowed for this policy");
-            } else {
-                for (i, e) in rules.iter().enumerate() {
-                    e.default.validate(&join(&format!("{}[{i}]", join(path, "rules")), "default"), errs);
-                }
+        if let Some(rules) = &self.rules
+            && section("rules", s.rules, rules.len(), errs)
+        {
+            for (i, e) in rules.iter().enumerate() {
+                e.default
+                    .validate(&join(&index(path, "rules", i), "default"), errs);
             }
         }
-        if let Some(d) = &self.default {
-            present.push("default");
-            if !s.default {
-                errs.add(join(path, "default"), "not allowed at the top level of this policy (put it under to[] or from[])");
-            } else {
-                d.validate(&join(path, "default"), errs);
-            }
+        if let Some(d) = &self.default
+            && section("default", s.default, 1, errs)
+        {
+            d.validate(&join(path, "default"), errs);
         }
-        if present.is_empty() {
-            let mut options = Vec::new();
-            if !s.to.is_empty() { options.push("to"); }
-            if !s.from.is_empty() { options.push("from"); }
-            if s.rules { options.push("rules"); }
-            if s.default { options.push("default"); }
-            errs.add(path, format!("missing configuration: set one of {}", options.join(", ")));
+        if !present {
+            errs.add(
+                path,
+                format!("missing configuration: set one of {}", s.options()),
+            );
         }
     }
-}
-
-/// MeshTimeout configuration.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MeshTimeoutConf {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_timeout: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<MeshTimeoutHttp>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MeshTimeoutHttp {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_timeout: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_idle_timeout: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_stream_duration: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connection_duration: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_headers_timeout: Option<Duration>,
-}
-
-impl Spec for MeshTimeoutConf {}
-
-impl Conf for MeshTimeoutConf {
-    const SECTIONS: Sections = Sections { top: allow::TOP_WITH_ROUTE, to: allow::TO, from: allow::FROM, rules: true, default: false };
 }

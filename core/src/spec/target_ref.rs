@@ -65,11 +65,21 @@ pub struct TargetRef {
 
 impl TargetRef {
     pub fn mesh() -> TargetRef {
-        TargetRef { kind: TargetKind::Mesh, name: None, tags: None, labels: None, section_name: None }
+        TargetRef {
+            kind: TargetKind::Mesh,
+            name: None,
+            tags: None,
+            labels: None,
+            section_name: None,
+        }
     }
 
     pub fn service(name: &str) -> TargetRef {
-        TargetRef { kind: TargetKind::MeshService, name: Some(Name(name.to_string())), ..TargetRef::mesh() }
+        TargetRef {
+            kind: TargetKind::MeshService,
+            name: Some(Name(name.to_string())),
+            ..TargetRef::mesh()
+        }
     }
 
     /// Check the reference is well formed and its kind is one of `allowed` at `path`.
@@ -79,7 +89,11 @@ impl TargetRef {
             let names: Vec<&str> = allowed.iter().map(|k| k.name()).collect();
             errs.add(
                 kind_path,
-                format!("{} is not allowed here (allowed: {})", self.kind.name(), names.join(", ")),
+                format!(
+                    "{} is not allowed here (allowed: {})",
+                    self.kind.name(),
+                    names.join(", ")
+                ),
             );
             return;
         }
@@ -88,7 +102,11 @@ impl TargetRef {
         let has_labels = self.labels.as_ref().is_some_and(|l| !l.is_empty());
         match self.kind {
             TargetKind::Mesh => {
-                for (field, set) in [("name", has_name), ("tags", has_tags), ("labels", has_labels)] {
+                for (field, set) in [
+                    ("name", has_name),
+                    ("tags", has_tags),
+                    ("labels", has_labels),
+                ] {
                     if set {
                         errs.add(join(path, field), "not allowed with kind Mesh (remove it)");
                     }
@@ -96,10 +114,16 @@ impl TargetRef {
             }
             TargetKind::MeshSubset => {
                 if !has_tags {
-                    errs.add(join(path, "tags"), "required with kind MeshSubset (e.g. tags: {version: v2})");
+                    errs.add(
+                        join(path, "tags"),
+                        "required with kind MeshSubset (e.g. tags: {version: v2})",
+                    );
                 }
                 if has_name {
-                    errs.add(join(path, "name"), "not allowed with kind MeshSubset (use tags)");
+                    errs.add(
+                        join(path, "name"),
+                        "not allowed with kind MeshSubset (use tags)",
+                    );
                 }
             }
             TargetKind::MeshServiceSubset => {
@@ -107,7 +131,10 @@ impl TargetRef {
                     errs.add(join(path, "name"), "required with kind MeshServiceSubset");
                 }
                 if !has_tags {
-                    errs.add(join(path, "tags"), "required with kind MeshServiceSubset (e.g. tags: {version: v2})");
+                    errs.add(
+                        join(path, "tags"),
+                        "required with kind MeshServiceSubset (e.g. tags: {version: v2})",
+                    );
                 }
             }
             TargetKind::MeshService | TargetKind::MeshExternalService | TargetKind::Dataplane => {
@@ -118,7 +145,13 @@ impl TargetRef {
                     );
                 }
                 if has_tags {
-                    errs.add(join(path, "tags"), format!("not allowed with kind {} (use MeshSubset)", self.kind.name()));
+                    errs.add(
+                        join(path, "tags"),
+                        format!(
+                            "not allowed with kind {} (use MeshSubset)",
+                            self.kind.name()
+                        ),
+                    );
                 }
             }
             TargetKind::MeshHttpRoute => {
