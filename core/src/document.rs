@@ -46,7 +46,7 @@ pub fn from_value(value: Value) -> Result<Resource, Invalid> {
         }
         None => return Err(Invalid::one("", format!("expected a resource object, got {}", short(&value)))),
     };
-    let kind: Kind = kind_name.parse().map_err(|e: crate::kind::UnknownKind| Invalid::one("type", e.to_string()))?;
+    let kind = Kind::from_name(&kind_name).ok_or_else(|| Invalid::one("type", crate::kind::UnknownKind(kind_name.clone()).to_string()))?;
     let doc: Doc = validate::from_value("", value)?;
     let mut r = Resource::new(kind, doc.mesh.as_deref(), &doc.name, doc.labels, doc.spec.unwrap_or_else(|| Value::Object(Default::default())))?;
     r.meta = Meta {
@@ -107,7 +107,8 @@ impl fmt::Display for ParseError {
     }
 }
 
-fn describe(v: &Value) -> Option<String> {
+/// `MeshTimeout "x" in mesh "default"`, for messages about a document not yet validated.
+pub fn describe(v: &Value) -> Option<String> {
     let kind = v.get("type")?.as_str()?;
     let name = v.get("name").and_then(Value::as_str).unwrap_or("?");
     Some(match v.get("mesh").and_then(Value::as_str) {
@@ -133,7 +134,17 @@ pub fn from_values(values: Vec<Value>) -> Result<Vec<Resource>, ParseError> {
 /// Split YAML text (one or more `---`-separated documents) into JSON values, skipping empty
 /// documents. A syntax error names the line and column.
 pub fn yaml_values(text: &str) -> Result<Vec<Value>, ParseError> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+    // serde-saphyr's default budget stops at 1,024 documents; a policy file may hold tens of
+    // thousands. Scale the limits to the input instead, keeping the alias limits that
+    // protect against expansion bombs.
+    let budget = serde_saphyr::budget! {
+        max_documents: usize::MAX,
+        max_events: 64 + text.len(),
+        max_nodes: 64 + text.len(),
+        max_total_scalar_bytes: 64 + text.len(),
+    };
+    let options = serde_saphyr::options! { budget: budget };
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
         ParseError(vec![DocumentError { index: 1, what: None, invalid: Invalid::one("", format!("malformed YAML: {e}")) }])
     })?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
@@ -285,5 +296,27 @@ mod tests {
             err.0[0].invalid.to_string(),
             "type: expected a kind name, got 5"
         );
+    }
+}
+
+#[cfg(test)]
+mod large_inputs {
+    #[test]
+    fn many_documents_parse() {
+        let doc = "type: Zone\nname: z{i}\nspec: {enabled: true}\n";
+        let text: Vec<String> = (0..5000).map(|i| doc.replace("{i}", &i.to_string())).collect();
+        let parsed = super::parse(&text.join("---\n")).unwrap();
+        assert_eq!(parsed.len(), 5000);
+    }
+
+    #[test]
+    fn alias_bombs_are_still_refused() {
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let prev = (b'a' + i - 1) as char;
+            let cur = (b'a' + i) as char;
+            bomb.push_str(&format!("{cur}: &{cur} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        assert!(super::yaml_values(&bomb).is_err());
     }
 }
