@@ -40,15 +40,40 @@ pub fn from_value(value: Value) -> Result<Resource, Invalid> {
     // Report the kind first: its spec depends on it.
     let kind_name = match value.get("type") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(Invalid::one("type", format!("expected a kind name, got {other}"))),
-        None if value.is_object() => {
-            return Err(Invalid::one("type", format!("missing field (expected one of {})", Kind::names())));
+        Some(other) => {
+            return Err(Invalid::one(
+                "type",
+                format!("expected a kind name, got {other}"),
+            ));
         }
-        None => return Err(Invalid::one("", format!("expected a resource object, got {}", short(&value)))),
+        None if value.is_object() => {
+            return Err(Invalid::one(
+                "type",
+                format!("missing field (expected one of {})", Kind::names()),
+            ));
+        }
+        None => {
+            return Err(Invalid::one(
+                "",
+                format!("expected a resource object, got {}", short(&value)),
+            ));
+        }
     };
-    let kind = Kind::from_name(&kind_name).ok_or_else(|| Invalid::one("type", crate::kind::UnknownKind(kind_name.clone()).to_string()))?;
+    let kind = Kind::from_name(&kind_name).ok_or_else(|| {
+        Invalid::one(
+            "type",
+            crate::kind::UnknownKind(kind_name.clone()).to_string(),
+        )
+    })?;
     let doc: Doc = validate::from_value("", value)?;
-    let mut r = Resource::new(kind, doc.mesh.as_deref(), &doc.name, doc.labels, doc.spec.unwrap_or_else(|| Value::Object(Default::default())))?;
+    let mut r = Resource::new(
+        kind,
+        doc.mesh.as_deref(),
+        &doc.name,
+        doc.labels,
+        doc.spec
+            .unwrap_or_else(|| Value::Object(Default::default())),
+    )?;
     r.meta = Meta {
         version: doc.version.unwrap_or(0),
         creation_time: doc.creation_time,
@@ -74,7 +99,11 @@ pub fn to_value(r: &Resource) -> Value {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}...", &s[..57]) } else { s }
+    if s.len() > 60 {
+        format!("{}...", &s[..57])
+    } else {
+        s
+    }
 }
 
 /// One document of a multi-document input that failed.
@@ -125,10 +154,18 @@ pub fn from_values(values: Vec<Value>) -> Result<Vec<Resource>, ParseError> {
         let what = describe(&v);
         match from_value(v) {
             Ok(r) => out.push(r),
-            Err(invalid) => errs.push(DocumentError { index: i + 1, what, invalid }),
+            Err(invalid) => errs.push(DocumentError {
+                index: i + 1,
+                what,
+                invalid,
+            }),
         }
     }
-    if errs.is_empty() { Ok(out) } else { Err(ParseError(errs)) }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(ParseError(errs))
+    }
 }
 
 /// Split YAML text (one or more `---`-separated documents) into JSON values, skipping empty
@@ -144,20 +181,31 @@ pub fn yaml_values(text: &str) -> Result<Vec<Value>, ParseError> {
         max_total_scalar_bytes: 64 + text.len(),
     };
     let options = serde_saphyr::options! { budget: budget };
-    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
-        ParseError(vec![DocumentError { index: 1, what: None, invalid: Invalid::one("", format!("malformed YAML: {e}")) }])
-    })?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+            ParseError(vec![DocumentError {
+                index: 1,
+                what: None,
+                invalid: Invalid::one("", format!("malformed YAML: {e}")),
+            }])
+        })?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
 /// Split JSON text into values: one object, an array of objects, or `{"items": [...]}`.
 pub fn json_values(text: &str) -> Result<Vec<Value>, ParseError> {
     let v: Value = serde_json::from_str(text).map_err(|e| {
-        ParseError(vec![DocumentError { index: 1, what: None, invalid: Invalid::one("", format!("malformed JSON: {e}")) }])
+        ParseError(vec![DocumentError {
+            index: 1,
+            what: None,
+            invalid: Invalid::one("", format!("malformed JSON: {e}")),
+        }])
     })?;
     Ok(match v {
         Value::Array(items) => items,
-        Value::Object(mut m) if !m.contains_key("type") && m.get("items").is_some_and(Value::is_array) => {
+        Value::Object(mut m)
+            if !m.contains_key("type") && m.get("items").is_some_and(Value::is_array) =>
+        {
             match m.remove("items") {
                 Some(Value::Array(items)) => items,
                 _ => unreachable!("checked above"),
@@ -170,7 +218,11 @@ pub fn json_values(text: &str) -> Result<Vec<Value>, ParseError> {
 /// Parse YAML or JSON text (JSON when it starts with `{` or `[`).
 pub fn parse(text: &str) -> Result<Vec<Resource>, ParseError> {
     let t = text.trim_start();
-    let values = if t.starts_with('{') || t.starts_with('[') { json_values(text)? } else { yaml_values(text)? };
+    let values = if t.starts_with('{') || t.starts_with('[') {
+        json_values(text)?
+    } else {
+        yaml_values(text)?
+    };
     from_values(values)
 }
 
@@ -304,7 +356,9 @@ mod large_inputs {
     #[test]
     fn many_documents_parse() {
         let doc = "type: Zone\nname: z{i}\nspec: {enabled: true}\n";
-        let text: Vec<String> = (0..5000).map(|i| doc.replace("{i}", &i.to_string())).collect();
+        let text: Vec<String> = (0..5000)
+            .map(|i| doc.replace("{i}", &i.to_string()))
+            .collect();
         let parsed = super::parse(&text.join("---\n")).unwrap();
         assert_eq!(parsed.len(), 5000);
     }

@@ -81,9 +81,10 @@ impl Kind {
     /// Look a kind up by its `type` name, its plural, or its lowercase singular
     /// (`MeshTimeout`, `meshtimeouts`, `meshtimeout`), ignoring case.
     pub fn lookup(s: &str) -> Option<Kind> {
-        Kind::ALL.iter().copied().find(|k| {
-            k.name().eq_ignore_ascii_case(s) || k.plural().eq_ignore_ascii_case(s)
-        })
+        Kind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name().eq_ignore_ascii_case(s) || k.plural().eq_ignore_ascii_case(s))
     }
 
     /// The kind whose `type` name is exactly `s` (as documents and the wire spell it).
@@ -93,7 +94,11 @@ impl Kind {
 
     /// The list of `type` names, for error messages.
     pub fn names() -> String {
-        Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        Kind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -154,7 +159,12 @@ mod tests {
 
     #[test]
     fn ownership_table() {
-        for k in [Kind::Dataplane, Kind::ZoneIngress, Kind::ZoneEgress, Kind::MeshService] {
+        for k in [
+            Kind::Dataplane,
+            Kind::ZoneIngress,
+            Kind::ZoneEgress,
+            Kind::MeshService,
+        ] {
             assert_eq!(k.owner(), Owner::Zone, "{k}");
         }
         assert_eq!(Kind::MeshTimeout.owner(), Owner::Global);

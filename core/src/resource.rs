@@ -19,7 +19,11 @@ pub struct Key {
 
 impl Key {
     pub fn new(kind: Kind, mesh: Option<&str>, name: &str) -> Key {
-        Key { kind, mesh: mesh.map(str::to_string), name: name.to_string() }
+        Key {
+            kind,
+            mesh: mesh.map(str::to_string),
+            name: name.to_string(),
+        }
     }
 
     /// The mesh as stored: the empty string for global-scoped kinds.
@@ -73,15 +77,18 @@ impl Resource {
             errs.add("name", m);
         }
         match (kind.scope(), mesh) {
-            (Scope::Mesh, None) => errs.add("mesh", format!("required for {kind} (e.g. mesh: default)")),
+            (Scope::Mesh, None) => {
+                errs.add("mesh", format!("required for {kind} (e.g. mesh: default)"))
+            }
             (Scope::Mesh, Some(m)) => {
                 if let Err(msg) = check_dns_label(m) {
                     errs.add("mesh", msg);
                 }
             }
-            (Scope::Global, Some(_)) => {
-                errs.add("mesh", format!("not allowed: {kind} is not mesh-scoped (remove the field)"))
-            }
+            (Scope::Global, Some(_)) => errs.add(
+                "mesh",
+                format!("not allowed: {kind} is not mesh-scoped (remove the field)"),
+            ),
             (Scope::Global, None) => {}
         }
         for (k, v) in &labels {
@@ -108,7 +115,11 @@ impl Resource {
     }
 
     pub fn key(&self) -> Key {
-        Key { kind: self.kind, mesh: self.mesh.clone(), name: self.name.clone() }
+        Key {
+            kind: self.kind,
+            mesh: self.mesh.clone(),
+            name: self.name.clone(),
+        }
     }
 
     /// True when `other` has the same user-controlled content (labels and spec).

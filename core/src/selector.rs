@@ -36,7 +36,9 @@ impl FromStr for Selector {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut reqs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let bad_key = |k: &str| k.is_empty() || k.contains(|c: char| c.is_whitespace() || "=!,".contains(c));
+            let bad_key = |k: &str| {
+                k.is_empty() || k.contains(|c: char| c.is_whitespace() || "=!,".contains(c))
+            };
             let req = if let Some((k, v)) = part.split_once("!=") {
                 Requirement::NotEquals(k.trim().to_string(), v.trim().to_string())
             } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
@@ -47,10 +49,15 @@ impl FromStr for Selector {
                 Requirement::Exists(part.to_string())
             };
             let key = match &req {
-                Requirement::Equals(k, _) | Requirement::NotEquals(k, _) | Requirement::Exists(k) | Requirement::NotExists(k) => k,
+                Requirement::Equals(k, _)
+                | Requirement::NotEquals(k, _)
+                | Requirement::Exists(k)
+                | Requirement::NotExists(k) => k,
             };
             if bad_key(key) {
-                return Err(format!("invalid label selector {s:?} at {part:?} (expected e.g. app=web,tier!=db,canary,!legacy)"));
+                return Err(format!(
+                    "invalid label selector {s:?} at {part:?} (expected e.g. app=web,tier!=db,canary,!legacy)"
+                ));
             }
             reqs.push(req);
         }
@@ -81,7 +88,10 @@ mod tests {
     #[test]
     fn parse_and_match() {
         let s: Selector = "app=web, tier!=db,canary,!legacy".parse().unwrap();
-        let mut l = BTreeMap::from([("app".to_string(), "web".to_string()), ("canary".to_string(), "".to_string())]);
+        let mut l = BTreeMap::from([
+            ("app".to_string(), "web".to_string()),
+            ("canary".to_string(), "".to_string()),
+        ]);
         assert!(s.matches(&l));
         l.insert("tier".into(), "db".into());
         assert!(!s.matches(&l));

@@ -45,7 +45,10 @@ impl Invalid {
     }
 
     pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(FieldError { field: field.into(), message: message.into() });
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,7 +87,10 @@ pub fn from_value<T: serde::de::DeserializeOwned>(
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        Invalid::one(join(prefix, &path), clean_serde_message(&e.inner().to_string()))
+        Invalid::one(
+            join(prefix, &path),
+            clean_serde_message(&e.inner().to_string()),
+        )
     })
 }
 
@@ -104,7 +110,9 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("must not be empty {FIX}"));
     }
-    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     let ok_ends = !name.starts_with('-') && !name.ends_with('-');
     if name.len() > 63 || !ok_chars || !ok_ends {
         return Err(format!("invalid name {name:?} {FIX}"));
@@ -117,21 +125,26 @@ pub fn check_label(key: &str, value: &str) -> Result<(), String> {
     let valid_part = |s: &str, max: usize| {
         !s.is_empty()
             && s.len() <= max
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
     };
     let name = match key.split_once('/') {
         Some((prefix, name)) => {
             if !valid_part(prefix, 253) {
-                return Err(format!("invalid label key {key:?} (expected [prefix/]name, e.g. weft.io/zone)"));
+                return Err(format!(
+                    "invalid label key {key:?} (expected [prefix/]name, e.g. weft.io/zone)"
+                ));
             }
             name
         }
         None => key,
     };
     if !valid_part(name, 63) {
-        return Err(format!("invalid label key {key:?} (expected [prefix/]name of letters, digits, '-', '_', '.', e.g. team)"));
+        return Err(format!(
+            "invalid label key {key:?} (expected [prefix/]name of letters, digits, '-', '_', '.', e.g. team)"
+        ));
     }
     if !value.is_empty() && !valid_part(value, 63) {
         return Err(format!(
@@ -181,7 +194,9 @@ impl FromStr for Duration {
                 _ => return Err(bad()),
             };
             rest = &rest[unit_len..];
-            total = total.checked_add(n.checked_mul(nanos_per).ok_or_else(bad)?).ok_or_else(bad)?;
+            total = total
+                .checked_add(n.checked_mul(nanos_per).ok_or_else(bad)?)
+                .ok_or_else(bad)?;
         }
         let total = u64::try_from(total).map_err(|_| bad())?;
         Ok(Duration(std::time::Duration::from_nanos(total)))
@@ -240,7 +255,9 @@ impl<'de> Deserialize<'de> for Port {
         let v = serde_json::Value::deserialize(d)?;
         match v.as_u64() {
             Some(n @ 1..=65535) => Ok(Port(n as u16)),
-            _ => Err(serde::de::Error::custom(format!("invalid port {v} (expected 1-65535)"))),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid port {v} (expected 1-65535)"
+            ))),
         }
     }
 }
@@ -311,7 +328,15 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print_canonically() {
-        for (input, canon) in [("5s", "5s"), ("250ms", "250ms"), ("90s", "1m30s"), ("1h", "1h"), ("0", "0s"), ("1m30s", "1m30s"), ("1500ms", "1s500ms")] {
+        for (input, canon) in [
+            ("5s", "5s"),
+            ("250ms", "250ms"),
+            ("90s", "1m30s"),
+            ("1h", "1h"),
+            ("0", "0s"),
+            ("1m30s", "1m30s"),
+            ("1500ms", "1s500ms"),
+        ] {
             let d: Duration = input.parse().unwrap();
             assert_eq!(d.to_string(), canon, "{input}");
             let again: Duration = canon.parse().unwrap();
@@ -341,7 +366,10 @@ mod tests {
         assert!("fd00::/8".parse::<Cidr>().is_ok());
         assert!(serde_json::from_value::<Port>(serde_json::json!(0)).is_err());
         assert!(serde_json::from_value::<Port>(serde_json::json!(70000)).is_err());
-        assert_eq!(serde_json::from_value::<Port>(serde_json::json!(8080)).unwrap(), Port(8080));
+        assert_eq!(
+            serde_json::from_value::<Port>(serde_json::json!(8080)).unwrap(),
+            Port(8080)
+        );
     }
 
     #[test]
@@ -366,7 +394,11 @@ mod tests {
         struct Outer {
             to: Vec<Http>,
         }
-        let err = from_value::<Outer>("spec", serde_json::json!({"to": [{"requestTimeout": "5 seconds"}]})).unwrap_err();
+        let err = from_value::<Outer>(
+            "spec",
+            serde_json::json!({"to": [{"requestTimeout": "5 seconds"}]}),
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             r#"spec.to[0].requestTimeout: invalid duration "5 seconds" (expected e.g. 5s, 250ms, 1m30s)"#

@@ -37,7 +37,10 @@ pub fn mk_mesh(name: &str) -> Resource {
 }
 
 pub fn mk_timeout(mesh: &str, name: &str, labels: &[(&str, &str)], timeout: &str) -> Resource {
-    let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let spec = json!({
         "targetRef": {"kind": "Mesh"},
         "to": [{"targetRef": {"kind": "Mesh"}, "default": {"connectionTimeout": timeout}}]
@@ -61,7 +64,11 @@ pub async fn create_get(s: &dyn Store) {
     let created = s.create(r.clone()).await.unwrap();
     assert_eq!(created.meta.version, 1);
     assert!(created.meta.creation_time.is_some() && created.meta.modification_time.is_some());
-    let got = s.get(&key("m1", "t1")).await.unwrap().expect("created resource is there");
+    let got = s
+        .get(&key("m1", "t1"))
+        .await
+        .unwrap()
+        .expect("created resource is there");
     assert_eq!(got.spec, r.spec);
     assert_eq!(got.labels, r.labels);
     assert_eq!(got.meta.version, 1);
@@ -76,54 +83,128 @@ pub async fn create_get(s: &dyn Store) {
 pub async fn update_versions(s: &dyn Store) {
     seed_meshes(s, &["m1"]).await;
     let v1 = s.create(mk_timeout("m1", "t1", &[], "5s")).await.unwrap();
-    let v2 = s.update(mk_timeout("m1", "t1", &[], "6s"), 1).await.unwrap();
+    let v2 = s
+        .update(mk_timeout("m1", "t1", &[], "6s"), 1)
+        .await
+        .unwrap();
     assert_eq!(v2.meta.version, 2);
     assert_eq!(v2.meta.creation_time, v1.meta.creation_time);
-    assert_eq!(s.get(&key("m1", "t1")).await.unwrap().unwrap().spec, mk_timeout("m1", "t1", &[], "6s").spec);
+    assert_eq!(
+        s.get(&key("m1", "t1")).await.unwrap().unwrap().spec,
+        mk_timeout("m1", "t1", &[], "6s").spec
+    );
     match s.update(mk_timeout("m1", "t1", &[], "7s"), 1).await {
-        Err(Error::Conflict { key: k, expected: 1, current: 2 }) => assert_eq!(k, key("m1", "t1")),
+        Err(Error::Conflict {
+            key: k,
+            expected: 1,
+            current: 2,
+        }) => assert_eq!(k, key("m1", "t1")),
         other => panic!("expected Conflict, got {other:?}"),
     }
     // The failed update changed nothing.
-    assert_eq!(s.get(&key("m1", "t1")).await.unwrap().unwrap().meta.version, 2);
-    assert!(matches!(s.update(mk_timeout("m1", "ghost", &[], "1s"), 1).await, Err(Error::NotFound(_))));
+    assert_eq!(
+        s.get(&key("m1", "t1")).await.unwrap().unwrap().meta.version,
+        2
+    );
+    assert!(matches!(
+        s.update(mk_timeout("m1", "ghost", &[], "1s"), 1).await,
+        Err(Error::NotFound(_))
+    ));
 }
 
 pub async fn delete_versions(s: &dyn Store) {
     seed_meshes(s, &["m1"]).await;
     s.create(mk_timeout("m1", "t1", &[], "5s")).await.unwrap();
-    s.update(mk_timeout("m1", "t1", &[], "6s"), 1).await.unwrap();
-    assert!(matches!(s.delete(&key("m1", "t1"), Some(1)).await, Err(Error::Conflict { .. })));
+    s.update(mk_timeout("m1", "t1", &[], "6s"), 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.delete(&key("m1", "t1"), Some(1)).await,
+        Err(Error::Conflict { .. })
+    ));
     assert!(s.get(&key("m1", "t1")).await.unwrap().is_some());
     s.delete(&key("m1", "t1"), Some(2)).await.unwrap();
     assert!(s.get(&key("m1", "t1")).await.unwrap().is_none());
-    assert!(matches!(s.delete(&key("m1", "t1"), None).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        s.delete(&key("m1", "t1"), None).await,
+        Err(Error::NotFound(_))
+    ));
     // Re-creating starts again at version 1.
-    assert_eq!(s.create(mk_timeout("m1", "t1", &[], "5s")).await.unwrap().meta.version, 1);
+    assert_eq!(
+        s.create(mk_timeout("m1", "t1", &[], "5s"))
+            .await
+            .unwrap()
+            .meta
+            .version,
+        1
+    );
 }
 
 pub async fn mesh_delete_cascades(s: &dyn Store) {
     seed_meshes(s, &["m1", "m2"]).await;
     for i in 0..5 {
-        s.create(mk_timeout("m1", &format!("t{i}"), &[], "5s")).await.unwrap();
-        s.create(mk_timeout("m2", &format!("t{i}"), &[], "5s")).await.unwrap();
+        s.create(mk_timeout("m1", &format!("t{i}"), &[], "5s"))
+            .await
+            .unwrap();
+        s.create(mk_timeout("m2", &format!("t{i}"), &[], "5s"))
+            .await
+            .unwrap();
     }
-    s.delete(&Key::new(Kind::Mesh, None, "m1"), None).await.unwrap();
-    assert!(s.list(&ListQuery::in_mesh(Kind::MeshTimeout, "m1")).await.unwrap().items.is_empty());
-    assert_eq!(s.list(&ListQuery::in_mesh(Kind::MeshTimeout, "m2")).await.unwrap().items.len(), 5);
-    assert!(s.get(&Key::new(Kind::Mesh, None, "m1")).await.unwrap().is_none());
+    s.delete(&Key::new(Kind::Mesh, None, "m1"), None)
+        .await
+        .unwrap();
+    assert!(
+        s.list(&ListQuery::in_mesh(Kind::MeshTimeout, "m1"))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        s.list(&ListQuery::in_mesh(Kind::MeshTimeout, "m2"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5
+    );
+    assert!(
+        s.get(&Key::new(Kind::Mesh, None, "m1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 pub async fn list_filters(s: &dyn Store) {
     seed_meshes(s, &["a", "b"]).await;
-    s.create(mk_timeout("a", "x", &[("team", "red"), ("tier", "web")], "1s")).await.unwrap();
-    s.create(mk_timeout("a", "y", &[("team", "blue")], "1s")).await.unwrap();
-    s.create(mk_timeout("b", "x", &[("team", "red")], "1s")).await.unwrap();
-    let names = |items: Vec<Resource>| items.into_iter().map(|r| format!("{}/{}", r.mesh.unwrap(), r.name)).collect::<Vec<_>>();
+    s.create(mk_timeout(
+        "a",
+        "x",
+        &[("team", "red"), ("tier", "web")],
+        "1s",
+    ))
+    .await
+    .unwrap();
+    s.create(mk_timeout("a", "y", &[("team", "blue")], "1s"))
+        .await
+        .unwrap();
+    s.create(mk_timeout("b", "x", &[("team", "red")], "1s"))
+        .await
+        .unwrap();
+    let names = |items: Vec<Resource>| {
+        items
+            .into_iter()
+            .map(|r| format!("{}/{}", r.mesh.unwrap(), r.name))
+            .collect::<Vec<_>>()
+    };
     let all = s.list(&ListQuery::all(Kind::MeshTimeout)).await.unwrap();
     assert_eq!(names(all.items), ["a/x", "a/y", "b/x"]);
     assert!(all.next.is_none());
-    let in_a = s.list(&ListQuery::in_mesh(Kind::MeshTimeout, "a")).await.unwrap();
+    let in_a = s
+        .list(&ListQuery::in_mesh(Kind::MeshTimeout, "a"))
+        .await
+        .unwrap();
     assert_eq!(names(in_a.items), ["a/x", "a/y"]);
     for (sel, want) in [
         ("team=red", vec!["a/x", "b/x"]),
@@ -133,19 +214,44 @@ pub async fn list_filters(s: &dyn Store) {
         ("team=red,tier=web", vec!["a/x"]),
         ("team=green", vec![]),
     ] {
-        let q = ListQuery { selector: sel.parse().unwrap(), ..ListQuery::all(Kind::MeshTimeout) };
-        assert_eq!(names(s.list(&q).await.unwrap().items), want, "selector {sel}");
+        let q = ListQuery {
+            selector: sel.parse().unwrap(),
+            ..ListQuery::all(Kind::MeshTimeout)
+        };
+        assert_eq!(
+            names(s.list(&q).await.unwrap().items),
+            want,
+            "selector {sel}"
+        );
     }
     let meshes = s.list(&ListQuery::all(Kind::Mesh)).await.unwrap().items;
-    assert_eq!(meshes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        meshes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert!(meshes.iter().all(|r| r.mesh.is_none()));
-    assert!(s.list(&ListQuery::all(Kind::MeshRetry)).await.unwrap().items.is_empty());
+    assert!(
+        s.list(&ListQuery::all(Kind::MeshRetry))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 pub async fn pagination_over_thousands(s: &dyn Store) {
     seed_meshes(s, &["p"]).await;
     const N: usize = 3000;
-    let all: Vec<Resource> = (0..N).map(|i| mk_timeout("p", &format!("t{i:05}"), &[("even", if i % 2 == 0 { "y" } else { "n" })], "1s")).collect();
+    let all: Vec<Resource> = (0..N)
+        .map(|i| {
+            mk_timeout(
+                "p",
+                &format!("t{i:05}"),
+                &[("even", if i % 2 == 0 { "y" } else { "n" })],
+                "1s",
+            )
+        })
+        .collect();
     for chunk in all.chunks(500) {
         s.apply(chunk.to_vec(), false).await.unwrap();
     }
@@ -153,7 +259,11 @@ pub async fn pagination_over_thousands(s: &dyn Store) {
     let mut after = None;
     let mut pages = 0;
     loop {
-        let q = ListQuery { limit: Some(250), after: after.clone(), ..ListQuery::in_mesh(Kind::MeshTimeout, "p") };
+        let q = ListQuery {
+            limit: Some(250),
+            after: after.clone(),
+            ..ListQuery::in_mesh(Kind::MeshTimeout, "p")
+        };
         let page = s.list(&q).await.unwrap();
         assert!(page.items.len() <= 250);
         pages += 1;
@@ -172,7 +282,11 @@ pub async fn pagination_over_thousands(s: &dyn Store) {
     let want: Vec<String> = (0..N).map(|i| format!("t{i:05}")).collect();
     assert_eq!(seen, want);
     // Pagination combined with a selector.
-    let q = ListQuery { limit: Some(400), selector: "even=y".parse().unwrap(), ..ListQuery::in_mesh(Kind::MeshTimeout, "p") };
+    let q = ListQuery {
+        limit: Some(400),
+        selector: "even=y".parse().unwrap(),
+        ..ListQuery::in_mesh(Kind::MeshTimeout, "p")
+    };
     let mut count = 0;
     let mut q = q;
     loop {
@@ -189,28 +303,62 @@ pub async fn pagination_over_thousands(s: &dyn Store) {
 
 pub async fn apply_outcomes(s: &dyn Store) {
     seed_meshes(s, &["m"]).await;
-    let batch = vec![mk_timeout("m", "a", &[], "1s"), mk_timeout("m", "b", &[], "1s")];
+    let batch = vec![
+        mk_timeout("m", "a", &[], "1s"),
+        mk_timeout("m", "b", &[], "1s"),
+    ];
     let out = s.apply(batch.clone(), true).await.unwrap();
     assert!(out.iter().all(|o| matches!(o, Outcome::Created(_))));
-    assert!(s.get(&key("m", "a")).await.unwrap().is_none(), "dry run wrote nothing");
+    assert!(
+        s.get(&key("m", "a")).await.unwrap().is_none(),
+        "dry run wrote nothing"
+    );
     let rev0 = s.revision().await.unwrap();
     let out = s.apply(batch.clone(), false).await.unwrap();
-    assert_eq!(out.iter().map(Outcome::action).collect::<Vec<_>>(), ["created", "created"]);
+    assert_eq!(
+        out.iter().map(Outcome::action).collect::<Vec<_>>(),
+        ["created", "created"]
+    );
     assert_eq!(s.revision().await.unwrap(), rev0 + 2);
-    let out = s.apply(vec![mk_timeout("m", "a", &[], "1s"), mk_timeout("m", "b", &[], "2s"), mk_timeout("m", "c", &[], "1s")], false).await.unwrap();
-    assert_eq!(out.iter().map(Outcome::action).collect::<Vec<_>>(), ["unchanged", "updated", "created"]);
+    let out = s
+        .apply(
+            vec![
+                mk_timeout("m", "a", &[], "1s"),
+                mk_timeout("m", "b", &[], "2s"),
+                mk_timeout("m", "c", &[], "1s"),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.iter().map(Outcome::action).collect::<Vec<_>>(),
+        ["unchanged", "updated", "created"]
+    );
     assert_eq!(out[0].resource().meta.version, 1);
     assert_eq!(out[1].resource().meta.version, 2);
-    assert_eq!(s.get(&key("m", "b")).await.unwrap().unwrap().meta.version, 2);
-    assert_eq!(s.revision().await.unwrap(), rev0 + 4, "unchanged writes no event");
+    assert_eq!(
+        s.get(&key("m", "b")).await.unwrap().unwrap().meta.version,
+        2
+    );
+    assert_eq!(
+        s.revision().await.unwrap(),
+        rev0 + 4,
+        "unchanged writes no event"
+    );
     // A label change is a change.
-    let out = s.apply(vec![mk_timeout("m", "a", &[("x", "y")], "1s")], false).await.unwrap();
+    let out = s
+        .apply(vec![mk_timeout("m", "a", &[("x", "y")], "1s")], false)
+        .await
+        .unwrap();
     assert_eq!(out[0].action(), "updated");
 }
 
 pub async fn concurrent_writers(s: &dyn Store) {
     seed_meshes(s, &["c"]).await;
-    s.create(mk_timeout("c", "shared", &[("n", "0")], "1s")).await.unwrap();
+    s.create(mk_timeout("c", "shared", &[("n", "0")], "1s"))
+        .await
+        .unwrap();
     const WRITERS: usize = 6;
     const EACH: usize = 15;
     let writer = |id: usize| async move {
@@ -219,7 +367,12 @@ pub async fn concurrent_writers(s: &dyn Store) {
         while done < EACH {
             let cur = s.get(&key("c", "shared")).await.unwrap().unwrap();
             let n: usize = cur.labels["n"].parse().unwrap();
-            let next = mk_timeout("c", "shared", &[("n", &(n + 1).to_string()), ("last", &format!("w{id}"))], "1s");
+            let next = mk_timeout(
+                "c",
+                "shared",
+                &[("n", &(n + 1).to_string()), ("last", &format!("w{id}"))],
+                "1s",
+            );
             match s.update(next, cur.meta.version).await {
                 Ok(_) => done += 1,
                 Err(Error::Conflict { .. }) => conflicts += 1,
@@ -235,9 +388,15 @@ pub async fn concurrent_writers(s: &dyn Store) {
     assert_eq!(fin.meta.version as usize, 1 + WRITERS * EACH);
     let _ = conflicts;
     // Concurrent creates of one name: exactly one wins.
-    let results = join_all((0..WRITERS).map(|_| s.create(mk_timeout("c", "race", &[], "1s")))).await;
+    let results =
+        join_all((0..WRITERS).map(|_| s.create(mk_timeout("c", "race", &[], "1s")))).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-    assert!(results.iter().filter(|r| r.is_err()).all(|r| matches!(r, Err(Error::AlreadyExists(_)))));
+    assert!(
+        results
+            .iter()
+            .filter(|r| r.is_err())
+            .all(|r| matches!(r, Err(Error::AlreadyExists(_))))
+    );
 }
 
 pub async fn change_feed(s: &dyn Store) {
@@ -248,16 +407,27 @@ pub async fn change_feed(s: &dyn Store) {
     s.update(mk_timeout("f", "a", &[], "2s"), 1).await.unwrap();
     s.delete(&key("f", "a"), None).await.unwrap();
     let events = s.events_since(start, 100).await.unwrap();
-    let summary: Vec<(Op, Kind, u64)> = events.iter().map(|e| (e.op, e.key.kind, e.version)).collect();
+    let summary: Vec<(Op, Kind, u64)> = events
+        .iter()
+        .map(|e| (e.op, e.key.kind, e.version))
+        .collect();
     assert_eq!(
         summary,
-        [(Op::Create, Kind::Mesh, 1), (Op::Create, Kind::MeshTimeout, 1), (Op::Update, Kind::MeshTimeout, 2), (Op::Delete, Kind::MeshTimeout, 2)]
+        [
+            (Op::Create, Kind::Mesh, 1),
+            (Op::Create, Kind::MeshTimeout, 1),
+            (Op::Update, Kind::MeshTimeout, 2),
+            (Op::Delete, Kind::MeshTimeout, 2)
+        ]
     );
     for w in events.windows(2) {
         assert_eq!(w[1].revision, w[0].revision + 1, "revisions are contiguous");
     }
     assert_eq!(events[0].revision, start + 1);
-    assert_eq!(events[2].resource.as_ref().unwrap().spec, mk_timeout("f", "a", &[], "2s").spec);
+    assert_eq!(
+        events[2].resource.as_ref().unwrap().spec,
+        mk_timeout("f", "a", &[], "2s").spec
+    );
     assert!(events[3].resource.is_none());
     assert_eq!(s.revision().await.unwrap(), events[3].revision);
     // The watch wakes up with the latest revision (LISTEN/NOTIFY may lag a little).
@@ -272,7 +442,12 @@ pub async fn change_feed(s: &dyn Store) {
     })
     .await;
     assert_eq!(reached, Ok(true), "watch never reached revision {target}");
-    assert!(s.events_since(events[3].revision, 100).await.unwrap().is_empty());
+    assert!(
+        s.events_since(events[3].revision, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn change_feed_resume(s: &dyn Store) {
@@ -281,15 +456,23 @@ pub async fn change_feed_resume(s: &dyn Store) {
     // the last revision it saw: it must get every later event exactly once, in order.
     let mut names = Vec::new();
     for i in 0..120 {
-        s.create(mk_timeout("r", &format!("e{i:03}"), &[], "1s")).await.unwrap();
+        s.create(mk_timeout("r", &format!("e{i:03}"), &[], "1s"))
+            .await
+            .unwrap();
         names.push(format!("e{i:03}"));
     }
     let first = s.events_since(0, 50).await.unwrap();
     assert_eq!(first.len(), 50);
     let mut last = first.last().unwrap().revision;
-    let mut got: Vec<String> = first.into_iter().filter(|e| e.key.kind == Kind::MeshTimeout).map(|e| e.key.name).collect();
+    let mut got: Vec<String> = first
+        .into_iter()
+        .filter(|e| e.key.kind == Kind::MeshTimeout)
+        .map(|e| e.key.name)
+        .collect();
     for i in 120..200 {
-        s.apply(vec![mk_timeout("r", &format!("e{i:03}"), &[], "1s")], false).await.unwrap();
+        s.apply(vec![mk_timeout("r", &format!("e{i:03}"), &[], "1s")], false)
+            .await
+            .unwrap();
         names.push(format!("e{i:03}"));
     }
     loop {
@@ -306,8 +489,14 @@ pub async fn change_feed_resume(s: &dyn Store) {
 
 pub async fn system_values(s: &dyn Store) {
     assert_eq!(s.system_get("k").await.unwrap(), None);
-    let results = join_all((0..4).map(|i| async move { s.system_init("k", &format!("v{i}")).await.unwrap() })).await;
-    assert!(results.iter().all(|v| v == &results[0]), "all replicas agree: {results:?}");
+    let results = join_all(
+        (0..4).map(|i| async move { s.system_init("k", &format!("v{i}")).await.unwrap() }),
+    )
+    .await;
+    assert!(
+        results.iter().all(|v| v == &results[0]),
+        "all replicas agree: {results:?}"
+    );
     assert_eq!(s.system_get("k").await.unwrap().as_ref(), Some(&results[0]));
     s.system_set("k", "new").await.unwrap();
     assert_eq!(s.system_get("k").await.unwrap().as_deref(), Some("new"));
@@ -317,7 +506,9 @@ pub async fn system_values(s: &dyn Store) {
 pub async fn counts(s: &dyn Store) {
     seed_meshes(s, &["a", "b"]).await;
     for i in 0..3 {
-        s.create(mk_timeout("a", &format!("t{i}"), &[], "1s")).await.unwrap();
+        s.create(mk_timeout("a", &format!("t{i}"), &[], "1s"))
+            .await
+            .unwrap();
     }
     s.create(mk_timeout("b", "t", &[], "1s")).await.unwrap();
     let counts = s.counts().await.unwrap();

@@ -46,7 +46,12 @@ impl Memory {
     pub fn with_feed_capacity(cap: usize) -> Memory {
         let (tx, _) = watch::channel(0);
         Memory {
-            state: Mutex::new(State { resources: HashMap::new(), events: VecDeque::new(), revision: 0, system: HashMap::new() }),
+            state: Mutex::new(State {
+                resources: HashMap::new(),
+                events: VecDeque::new(),
+                revision: 0,
+                system: HashMap::new(),
+            }),
             feed_capacity: cap.max(1),
             tx,
         }
@@ -73,7 +78,13 @@ impl State {
 
     fn record(&mut self, cap: usize, op: Op, key: Key, version: u64, resource: Option<Resource>) {
         self.revision += 1;
-        self.events.push_back(Event { revision: self.revision, op, key, version, resource });
+        self.events.push_back(Event {
+            revision: self.revision,
+            op,
+            key,
+            version,
+            resource,
+        });
         while self.events.len() > cap {
             self.events.pop_front();
         }
@@ -82,7 +93,10 @@ impl State {
     fn put(&mut self, cap: usize, r: Resource, op: Op) {
         let key = r.key();
         let version = r.meta.version;
-        self.resources.entry(key.kind).or_default().insert(slot(&key), r.clone());
+        self.resources
+            .entry(key.kind)
+            .or_default()
+            .insert(slot(&key), r.clone());
         self.record(cap, op, key, version, Some(r));
     }
 
@@ -122,11 +136,16 @@ impl Store for Memory {
     async fn list(&self, q: &ListQuery) -> Result<Page> {
         let after = q.after.as_deref().map(parse_page_token).transpose()?;
         let st = self.lock();
-        let Some(by_key) = st.resources.get(&q.kind) else { return Ok(Page::default()) };
+        let Some(by_key) = st.resources.get(&q.kind) else {
+            return Ok(Page::default());
+        };
         let limit = q.limit.unwrap_or(usize::MAX);
         let mut items = Vec::new();
         let range = match &after {
-            Some(a) => by_key.range((std::ops::Bound::Excluded(a.clone()), std::ops::Bound::Unbounded)),
+            Some(a) => by_key.range((
+                std::ops::Bound::Excluded(a.clone()),
+                std::ops::Bound::Unbounded,
+            )),
             None => by_key.range(..),
         };
         let mut more = false;
@@ -140,7 +159,11 @@ impl Store for Memory {
             }
             items.push(r.clone());
         }
-        let next = if more { items.last().map(super::page_token) } else { None };
+        let next = if more {
+            items.last().map(super::page_token)
+        } else {
+            None
+        };
         Ok(Page { items, next })
     }
 
@@ -168,7 +191,11 @@ impl Store for Memory {
             let key = r.key();
             let cur = st.get(&key).ok_or_else(|| Error::NotFound(key.clone()))?;
             if cur.meta.version != expected_version {
-                return Err(Error::Conflict { key, expected: expected_version, current: cur.meta.version });
+                return Err(Error::Conflict {
+                    key,
+                    expected: expected_version,
+                    current: cur.meta.version,
+                });
             }
             r.meta.version = cur.meta.version + 1;
             r.meta.creation_time = cur.meta.creation_time;
@@ -187,7 +214,11 @@ impl Store for Memory {
             if let Some(v) = expected_version
                 && cur.meta.version != v
             {
-                return Err(Error::Conflict { key: key.clone(), expected: v, current: cur.meta.version });
+                return Err(Error::Conflict {
+                    key: key.clone(),
+                    expected: v,
+                    current: cur.meta.version,
+                });
             }
             if key.kind == Kind::Mesh {
                 let inside: Vec<Key> = st
@@ -262,7 +293,11 @@ impl Store for Memory {
         }
         Ok(counts
             .into_iter()
-            .map(|((kind, mesh), count)| Count { kind, mesh: (!mesh.is_empty()).then_some(mesh), count })
+            .map(|((kind, mesh), count)| Count {
+                kind,
+                mesh: (!mesh.is_empty()).then_some(mesh),
+                count,
+            })
             .collect())
     }
 
@@ -271,11 +306,18 @@ impl Store for Memory {
     }
 
     async fn system_init(&self, key: &str, value: &str) -> Result<String> {
-        Ok(self.lock().system.entry(key.to_string()).or_insert_with(|| value.to_string()).clone())
+        Ok(self
+            .lock()
+            .system
+            .entry(key.to_string())
+            .or_insert_with(|| value.to_string())
+            .clone())
     }
 
     async fn system_set(&self, key: &str, value: &str) -> Result<()> {
-        self.lock().system.insert(key.to_string(), value.to_string());
+        self.lock()
+            .system
+            .insert(key.to_string(), value.to_string());
         Ok(())
     }
 

@@ -29,8 +29,14 @@ pub enum Error {
     #[error("{0} not found")]
     NotFound(Key),
     /// The resource changed since the caller read it: read again and retry.
-    #[error("{key} was modified: expected version {expected}, current version is {current} (get it again and retry)")]
-    Conflict { key: Key, expected: u64, current: u64 },
+    #[error(
+        "{key} was modified: expected version {expected}, current version is {current} (get it again and retry)"
+    )]
+    Conflict {
+        key: Key,
+        expected: u64,
+        current: u64,
+    },
     /// A create found the resource there already.
     #[error("{0} already exists")]
     AlreadyExists(Key),
@@ -38,7 +44,9 @@ pub enum Error {
     #[error("{0}")]
     Invalid(Invalid),
     /// The change feed no longer holds events after this revision: list again to resync.
-    #[error("change feed compacted: revision {since} is older than the oldest kept ({oldest}); list again to resync")]
+    #[error(
+        "change feed compacted: revision {since} is older than the oldest kept ({oldest}); list again to resync"
+    )]
     Compacted { since: u64, oldest: u64 },
     /// Transient: the backend failed or is unreachable; retry later.
     #[error("store unavailable: {0}")]
@@ -62,11 +70,20 @@ pub struct ListQuery {
 
 impl ListQuery {
     pub fn all(kind: Kind) -> ListQuery {
-        ListQuery { kind, mesh: None, selector: Selector::default(), limit: None, after: None }
+        ListQuery {
+            kind,
+            mesh: None,
+            selector: Selector::default(),
+            limit: None,
+            after: None,
+        }
     }
 
     pub fn in_mesh(kind: Kind, mesh: &str) -> ListQuery {
-        ListQuery { mesh: Some(mesh.to_string()), ..ListQuery::all(kind) }
+        ListQuery {
+            mesh: Some(mesh.to_string()),
+            ..ListQuery::all(kind)
+        }
     }
 }
 
@@ -88,7 +105,14 @@ pub fn parse_page_token(token: &str) -> Result<(String, String)> {
     token
         .split_once('/')
         .map(|(m, n)| (m.to_string(), n.to_string()))
-        .ok_or_else(|| Error::Invalid(Invalid::one("next", format!("invalid page token {token:?} (pass the `next` value of the previous page)"))))
+        .ok_or_else(|| {
+            Error::Invalid(Invalid::one(
+                "next",
+                format!(
+                    "invalid page token {token:?} (pass the `next` value of the previous page)"
+                ),
+            ))
+        })
 }
 
 /// What a change was.

@@ -1,7 +1,7 @@
 //! Benchmark: `weftctl apply` of one file of N MeshTimeouts and `weftctl get meshtimeouts`
 //! listing them, against weft-global on PostgreSQL and on the memory store, in one run.
 //!
-//! Usage: `cargo run --release -p weft-tests --bin bench-apply -- [N] [RUNS]`
+//! Usage: `cargo build --release --bins && target/release/bench-apply [N] [RUNS]`
 //! (needs WEFT_TEST_POSTGRES_URL, or Postgres at postgres://weft:weft@127.0.0.1:5432/postgres;
 //! `bash .ci/postgres.sh` starts one). Prints a table and writes `target/bench-apply.json`.
 
