@@ -8,14 +8,15 @@ port="${WEFT_DEMO_PORT:-5681}"
 echo "building weft-global and weftctl..."
 cargo build --quiet -p weft-global -p weftctl
 data="$(mktemp -d -t weft-demo.XXXXXX)"
-target/debug/weft-global run --store memory --data-dir "$data" --api-address "127.0.0.1:$port" &
+log="${WEFT_DEMO_LOG:-$data/global.log}"
+target/debug/weft-global run --store memory --data-dir "$data" --api-address "127.0.0.1:$port" >"$log" 2>&1 &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$data"; echo "demo stopped"; }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 for _ in $(seq 1 100); do
   [ -s "$data/admin-token" ] && curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-  kill -0 "$pid" 2>/dev/null || { echo "weft-global exited; is port $port free? (WEFT_DEMO_PORT=...)" >&2; exit 1; }
+  kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "weft-global exited; is port $port free? (WEFT_DEMO_PORT=...)" >&2; exit 1; }
   sleep 0.1
 done
 export WEFTCTL_ADDRESS="http://127.0.0.1:$port" WEFTCTL_TOKEN="$(cat "$data/admin-token")"
@@ -28,6 +29,7 @@ ctl get zones
 cat <<MSG
 weft-global is running at $WEFTCTL_ADDRESS (memory store).
   admin token:   $data/admin-token
+  its log:       $log
   try:           export WEFTCTL_ADDRESS=$WEFTCTL_ADDRESS WEFTCTL_TOKEN=\$(cat $data/admin-token)
                  target/debug/weftctl get meshtimeouts -o yaml
   metrics:       curl http://127.0.0.1:$port/metrics
