@@ -1,6 +1,10 @@
 //! The REST API (see docs/api.md): CRUD for every kind, batch apply, inspect, health,
 //! readiness, metrics and the OpenAPI document. Store errors become HTTP statuses here and
 //! only here.
+//!
+//! Global and every zone control plane serve this same API; [`Plane`] says which one is
+//! serving, and so which kinds it accepts writes to (the kind table's owner) and which origin
+//! it stamps on them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State a
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -28,15 +32,84 @@ pub const MAX_BODY: usize = 64 << 20;
 pub const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
+/// The control plane serving the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plane {
+    /// Global: writes global-owned kinds (meshes, policies, zones) and stamps
+    /// `weft.io/origin: global` on them.
+    Global,
+    /// The zone control plane of zone `name`: writes zone-owned kinds (dataplanes, ingresses,
+    /// egresses, services) and stamps `weft.io/origin: zone` and `weft.io/zone: <name>`.
+    Zone { name: String },
+}
+
+impl Plane {
+    /// The owner of the kinds this plane may write.
+    pub fn owner(&self) -> Owner {
+        match self {
+            Plane::Global => Owner::Global,
+            Plane::Zone { .. } => Owner::Zone,
+        }
+    }
+
+    /// Whether this plane accepts writes (and deletes) of `kind`.
+    pub fn accepts(&self, kind: Kind) -> bool {
+        kind.owner() == self.owner()
+    }
+
+    /// The origin labels this plane stamps on what it writes, replacing any sent.
+    pub fn stamp(&self, mut r: Resource) -> Resource {
+        match self {
+            Plane::Global => {
+                r.labels
+                    .insert(ORIGIN_LABEL.to_string(), "global".to_string());
+                r.labels.remove(ZONE_LABEL);
+            }
+            Plane::Zone { name } => {
+                r.labels
+                    .insert(ORIGIN_LABEL.to_string(), "zone".to_string());
+                r.labels.insert(ZONE_LABEL.to_string(), name.clone());
+            }
+        }
+        r
+    }
+
+    /// Where a stored resource came from, when that is not this plane (`global`, or
+    /// `zone "west"`). Such a resource is never changed or deleted here: a zone holds global's
+    /// resources and other zones' resources, synced over KDS. On global, the kinds it accepts
+    /// are written by nobody else, so nothing there is foreign.
+    pub fn foreign_origin(&self, r: &Resource) -> Option<String> {
+        let Plane::Zone { name } = self else {
+            return None;
+        };
+        let origin = r.labels.get(ORIGIN_LABEL).map(String::as_str);
+        match (origin, r.labels.get(ZONE_LABEL)) {
+            (Some("global"), _) => Some("global".to_string()),
+            (_, Some(zone)) if zone != name => Some(format!("zone {zone:?}")),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Plane::Global => "global".to_string(),
+            Plane::Zone { name } => format!("zone {name:?}"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct State {
     pub store: Arc<dyn Store>,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
+    pub plane: Plane,
+    pub tokens: Arc<crate::tokens::Tokens>,
 }
 
 pub fn router(state: State) -> Router {
-    let api = Router::new()
+    let openapi = Arc::new(crate::openapi::document(&state.plane));
+    let mut api = Router::new()
         .route("/_apply", post(apply))
         .route("/_inspect/meshes", get(inspect_meshes))
         .route("/meshes/{mesh}/{plural}", get(list_in_mesh))
@@ -48,15 +121,30 @@ pub fn router(state: State) -> Router {
         .route(
             "/{plural}/{name}",
             get(get_top).put(put_top).delete(delete_top),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        );
+    if state.plane == Plane::Global {
+        // Zone tokens are issued and revoked on global only.
+        api = api.merge(crate::tokens::routes());
+    } else {
+        api = api.route(
+            "/_tokens/{*rest}",
+            any(|| async {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not found",
+                    "zone tokens are issued and revoked on global, not on a zone control plane",
+                )
+            }),
+        );
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
-            get(|| async { Json(crate::openapi::document()) }),
+            get(move || async move { Json(openapi.as_ref().clone()) }),
         );
     api.merge(open)
         .fallback(|| async {
@@ -471,26 +559,55 @@ fn body_text(body: &Bytes) -> ApiResult<&str> {
     std::str::from_utf8(body).map_err(|_| ApiError::bad_request("", "request body is not UTF-8"))
 }
 
-/// Refuse kinds global may not write (before looking at their spec: that is the useful
+/// Refuse kinds this plane may not write (before looking at their spec: that is the useful
 /// message).
-fn writable(kind: Kind) -> Result<(), Invalid> {
-    if kind.owner() == Owner::Zone {
-        return Err(Invalid::one(
-            "type",
-            format!(
+fn writable(plane: &Plane, kind: Kind) -> Result<(), Invalid> {
+    if plane.accepts(kind) {
+        return Ok(());
+    }
+    Err(Invalid::one(
+        "type",
+        match plane {
+            Plane::Global => format!(
                 "{kind} is owned by zones and cannot be written on global (apply it on the zone's control plane)"
             ),
-        ));
-    }
-    Ok(())
+            Plane::Zone { .. } => format!(
+                "{kind} is owned by global and cannot be written on a zone control plane (apply it on global: weftctl apply against the global control plane)"
+            ),
+        },
+    ))
 }
 
-/// Stamp global's origin on what it writes.
-fn stamp(mut r: Resource) -> Resource {
-    r.labels
-        .insert(ORIGIN_LABEL.to_string(), "global".to_string());
-    r.labels.remove(ZONE_LABEL);
-    r
+/// Refuse to change or delete a stored resource that came from elsewhere (see
+/// [`Plane::foreign_origin`]); `verb` is `changed` or `deleted`.
+fn not_foreign(plane: &Plane, stored: &Resource, verb: &str) -> Result<(), Invalid> {
+    match plane.foreign_origin(stored) {
+        None => Ok(()),
+        Some(origin) => Err(Invalid::one(
+            "name",
+            format!(
+                "{} came from {origin} and cannot be {verb} on {} (it is synced from {origin}: change it there)",
+                stored.key(),
+                plane.describe(),
+            ),
+        )),
+    }
+}
+
+/// The stored resources for `keys`, read only on a zone: on global nothing is foreign (see
+/// [`Plane::foreign_origin`]), so global skips the reads.
+///
+/// The check and the write that follows are not one transaction; on a zone the only other
+/// writer is the KDS client, whose next sync puts a foreign resource back.
+async fn stored_on_zone(state: &State, keys: &[Key]) -> ApiResult<Vec<Option<Resource>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        out.push(match state.plane {
+            Plane::Global => None,
+            Plane::Zone { .. } => state.store.get(key).await?,
+        });
+    }
+    Ok(out)
 }
 
 /// Check that the meshes named exist (in the store, or created by the same batch).
@@ -526,7 +643,12 @@ async fn check_meshes(state: &State, resources: &[Resource]) -> ApiResult<Vec<Op
         out.push((!exists).then(|| {
             Invalid::one(
                 "mesh",
-                format!("mesh {mesh:?} does not exist (create it first)"),
+                match state.plane {
+                    Plane::Global => format!("mesh {mesh:?} does not exist (create it first)"),
+                    Plane::Zone { .. } => format!(
+                        "mesh {mesh:?} does not exist on this zone (meshes are created on global and reach zones over KDS)"
+                    ),
+                },
             )
         }));
     }
@@ -606,10 +728,15 @@ async fn put(
     mesh: Option<&str>,
     name: &str,
 ) -> ApiResult<Response> {
-    writable(kind)?;
-    let r = stamp(parse_one(&headers, &body, kind, mesh, name)?);
+    writable(&state.plane, kind)?;
+    let r = state
+        .plane
+        .stamp(parse_one(&headers, &body, kind, mesh, name)?);
     if let Some(Some(invalid)) = check_meshes(state, std::slice::from_ref(&r)).await?.pop() {
         return Err(invalid.into());
+    }
+    if let Some(Some(stored)) = stored_on_zone(state, &[r.key()]).await?.pop() {
+        not_foreign(&state.plane, &stored, "changed")?;
     }
     if let Some(v) = version_header(&headers, header::IF_MATCH)? {
         let expected: u64 = v.parse().map_err(|_| {
@@ -657,21 +784,34 @@ async fn put_in_mesh(
 }
 
 async fn delete(state: &State, headers: HeaderMap, key: Key) -> ApiResult<Json<Value>> {
-    if key.kind.owner() == Owner::Zone {
+    let kind = key.kind;
+    if !state.plane.accepts(kind) {
         return Err(ApiError::bad_request(
             "type",
-            format!(
-                "{} is owned by zones and cannot be deleted on global",
-                key.kind
-            ),
+            match state.plane {
+                Plane::Global => {
+                    format!("{kind} is owned by zones and cannot be deleted on global")
+                }
+                Plane::Zone { .. } => format!(
+                    "{kind} is owned by global and cannot be deleted on a zone control plane (delete it on global: weftctl delete against the global control plane)"
+                ),
+            },
         ));
     }
-    let expected = match version_header(&headers, header::IF_MATCH)? {
+    let mut expected = match version_header(&headers, header::IF_MATCH)? {
         Some(v) => Some(v.parse().map_err(|_| {
             ApiError::bad_request("If-Match", format!("{v:?} is not a version number"))
         })?),
         None => None,
     };
+    if let Some(Some(stored)) = stored_on_zone(state, std::slice::from_ref(&key))
+        .await?
+        .pop()
+    {
+        not_foreign(&state.plane, &stored, "deleted")?;
+        // Delete the version checked, so a sync landing in between is not deleted unseen.
+        expected.get_or_insert(stored.meta.version);
+    }
     state.store.delete(&key, expected).await?;
     Ok(Json(json!({})))
 }
@@ -723,10 +863,10 @@ async fn apply(
             .get("type")
             .and_then(Value::as_str)
             .and_then(Kind::from_name)
-            .map_or(Ok(()), writable);
+            .map_or(Ok(()), |kind| writable(&state.plane, kind));
         match owner_check.and_then(|()| document::from_value(v)) {
             Ok(r) => {
-                resources.push(stamp(r));
+                resources.push(state.plane.stamp(r));
                 described.push((i + 1, what));
             }
             Err(invalid) => errors.push(document::DocumentError {
@@ -737,9 +877,16 @@ async fn apply(
         }
     }
     let mesh_checks = check_meshes(&state, &resources).await?;
+    let keys: Vec<Key> = resources.iter().map(Resource::key).collect();
+    let stored = stored_on_zone(&state, &keys).await?;
     let mut seen = HashSet::new();
-    for ((r, mesh_check), (index, what)) in resources.iter().zip(mesh_checks).zip(described) {
+    for (((r, mesh_check), stored), (index, what)) in
+        resources.iter().zip(mesh_checks).zip(stored).zip(described)
+    {
         let mut problems = mesh_check.unwrap_or_default();
+        if let Some(Err(foreign)) = stored.map(|s| not_foreign(&state.plane, &s, "changed")) {
+            problems.errors.extend(foreign.errors);
+        }
         if !seen.insert(r.key()) {
             problems.add("name", format!("{} appears twice in this request", r.key()));
         }

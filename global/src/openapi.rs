@@ -1,8 +1,12 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, generated from the kind table so it
 //! always matches the routes in [`crate::api::router`] (a test walks it against the router).
+//! Each [`Plane`] gets its own document: write operations are listed only for the kinds that
+//! plane accepts.
 
 use serde_json::{Map, Value, json};
-use weft_core::{Kind, Owner, Scope};
+use weft_core::{Kind, Scope};
+
+use crate::api::Plane;
 
 fn op(summary: String, tag: &str, params: &[&str], body: bool, ok: (&str, &str)) -> Value {
     let mut o = json!({
@@ -54,8 +58,8 @@ fn param(name: &str) -> Value {
 }
 
 /// Every path with its methods: `(path, [method, ...])`, the list the router must serve.
-pub fn paths() -> Vec<(String, Vec<&'static str>)> {
-    let doc = document();
+pub fn paths(plane: &Plane) -> Vec<(String, Vec<&'static str>)> {
+    let doc = document(plane);
     doc["paths"]
         .as_object()
         .expect("paths")
@@ -83,12 +87,13 @@ fn leak(m: &str) -> &'static str {
     }
 }
 
-pub fn document() -> Value {
+/// The document for the API as `plane` serves it.
+pub fn document(plane: &Plane) -> Value {
     let mut paths = Map::new();
     let list_params = ["labelSelector", "size", "next"];
-    for kind in Kind::ALL {
+    for &kind in Kind::ALL {
         let (name, plural) = (kind.name(), kind.plural());
-        let writable = kind.owner() == Owner::Global;
+        let writable = plane.accepts(kind);
         match kind.scope() {
             Scope::Global => {
                 paths.insert(format!("/{plural}"), json!({"get": op(format!("List {name} resources"), name, &list_params, false, ("200", "list"))}));
@@ -139,6 +144,12 @@ pub fn document() -> Value {
         }
     }
     let mut apply = json!({"post": op("Create or update many resources in one transaction".into(), "apply", &["dryRun"], false, ("200", "apply"))});
+    let accepted: Vec<&str> = Kind::ALL
+        .iter()
+        .filter(|k| plane.accepts(**k))
+        .map(|k| k.name())
+        .collect();
+    apply["post"]["description"] = format!("Accepts {}.", accepted.join(", ")).into();
     apply["post"]["requestBody"] = json!({"required": true, "content": {
         "application/yaml": {"schema": {"type": "string", "description": "---separated documents"}},
         "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Resource"}}}
@@ -153,9 +164,13 @@ pub fn document() -> Value {
     ] {
         paths.insert(p.into(), json!({"get": {"summary": what, "tags": ["system"], "security": [], "responses": {"200": {"description": "ok"}}}}));
     }
+    let title = match plane {
+        Plane::Global => "weft global control plane",
+        Plane::Zone { .. } => "weft zone control plane",
+    };
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "weft global control plane", "version": env!("CARGO_PKG_VERSION")},
+        "info": {"title": title, "version": env!("CARGO_PKG_VERSION")},
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {

@@ -1,0 +1,274 @@
+//! Typed configuration of weft-zone: command-line flags, `WEFT_ZONE_*` / `WEFT_*` environment
+//! variables and an optional YAML file, resolved once at the edge (flags and env win over the
+//! file, the file over the defaults).
+//!
+//! Settings only this binary has use `WEFT_ZONE_*` (so a shell that also runs global does not
+//! point both at one data directory); the log format is shared (`WEFT_LOG_FORMAT`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use axum::http::Uri;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+pub use weft_global::config::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(name = "weft-zone", version, about = "weft zone control plane")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the zone control plane.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// YAML config file; flags and environment variables override what it says.
+    #[arg(long, env = "WEFT_ZONE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This zone's name, a DNS label (e.g. east). Required.
+    #[arg(long = "zone", env = "WEFT_ZONE_NAME")]
+    pub zone: Option<String>,
+    /// Global's KDS address, e.g. https://global.example.com:5685 (or host:port). Without it
+    /// the zone runs standalone.
+    #[arg(long, env = "WEFT_ZONE_GLOBAL_ADDRESS")]
+    pub global_address: Option<String>,
+    /// File holding this zone's token, issued by global. Required with --global-address.
+    #[arg(long, env = "WEFT_ZONE_TOKEN_FILE")]
+    pub zone_token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed global's KDS certificate. This or --global-fingerprint
+    /// is required with --global-address.
+    #[arg(
+        long,
+        env = "WEFT_ZONE_GLOBAL_CA_FILE",
+        conflicts_with = "global_fingerprint"
+    )]
+    pub global_ca_file: Option<PathBuf>,
+    /// Or pin that CA: sha256:<64 hex digits> of its DER form (global prints it on start).
+    #[arg(long, env = "WEFT_ZONE_GLOBAL_FINGERPRINT")]
+    pub global_fingerprint: Option<String>,
+    /// Address of the REST API [default: 127.0.0.1:5682].
+    #[arg(long, env = "WEFT_ZONE_API_ADDRESS")]
+    pub api_address: Option<SocketAddr>,
+    /// Directory for the generated API tokens [default: ./weft-zone-data].
+    #[arg(long, env = "WEFT_ZONE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The optional YAML file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct File {
+    zone: Option<String>,
+    global_address: Option<String>,
+    zone_token_file: Option<PathBuf>,
+    global_ca_file: Option<PathBuf>,
+    global_fingerprint: Option<String>,
+    api_address: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+}
+
+/// The resolved configuration of `weft-zone run`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This zone's name (a DNS label): stamped as `weft.io/zone` on what it writes.
+    pub zone: String,
+    /// Where global is; `None`: the zone runs standalone.
+    pub global: Option<Global>,
+    pub api_address: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+}
+
+/// How to reach global: set together, or not at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Global {
+    /// Global's KDS address, always `https://host[:port]`.
+    pub address: Uri,
+    /// The file holding the zone token, read when connecting (so a rotated token is picked up).
+    pub token_file: PathBuf,
+    /// How to check global's certificate.
+    pub trust: Trust,
+}
+
+/// How the zone checks global's KDS certificate: against the CA that signed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// The CA certificate (PEM) in this file.
+    CaFile(PathBuf),
+    /// The CA certificate with this SHA-256 fingerprint (of its DER form), found in the chain
+    /// global presents.
+    Fingerprint(Fingerprint),
+}
+
+/// A SHA-256 certificate fingerprint, written `sha256:<hex>`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Config {
+    /// A standalone zone with the defaults: what tests start from.
+    pub fn new(zone: impl Into<String>) -> Config {
+        Config {
+            zone: zone.into(),
+            global: None,
+            api_address: "127.0.0.1:5682".parse().expect("valid default"),
+            data_dir: PathBuf::from("weft-zone-data"),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Resolve flags over the file over the defaults; check what must go together.
+    pub fn resolve(args: RunArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => File::default(),
+        };
+        let Some(zone) = args.zone.or(file.zone) else {
+            bail!(
+                "--zone is required (or WEFT_ZONE_NAME, or zone in the config file): this zone's name, a DNS label such as east"
+            );
+        };
+        weft_core::validate::check_dns_label(&zone).map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
+        // CA file and fingerprint are one choice: a flag's choice replaces the file's.
+        let (ca_file, fingerprint) =
+            if args.global_ca_file.is_some() || args.global_fingerprint.is_some() {
+                (args.global_ca_file, args.global_fingerprint)
+            } else {
+                (file.global_ca_file, file.global_fingerprint)
+            };
+        let global = resolve_global(
+            args.global_address.or(file.global_address),
+            args.zone_token_file.or(file.zone_token_file),
+            ca_file,
+            fingerprint,
+        )?;
+        let d = Config::new(zone);
+        Ok(Config {
+            global,
+            api_address: args
+                .api_address
+                .or(file.api_address)
+                .unwrap_or(d.api_address),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            ..d
+        })
+    }
+}
+
+fn resolve_global(
+    address: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    fingerprint: Option<String>,
+) -> anyhow::Result<Option<Global>> {
+    let Some(address) = address else {
+        for (set, flag) in [
+            (token_file.is_some(), "--zone-token-file"),
+            (ca_file.is_some(), "--global-ca-file"),
+            (fingerprint.is_some(), "--global-fingerprint"),
+        ] {
+            if set {
+                bail!(
+                    "{flag} is only used with --global-address (set the address to join global, or remove {flag} to run standalone)"
+                );
+            }
+        }
+        return Ok(None);
+    };
+    let address = parse_address(&address)?;
+    let Some(token_file) = token_file else {
+        bail!(
+            "--global-address needs --zone-token-file (or WEFT_ZONE_TOKEN_FILE, or zoneTokenFile in the config file): the file holding this zone's token, issued by global"
+        );
+    };
+    let trust = match (ca_file, fingerprint) {
+        (Some(_), Some(_)) => {
+            bail!(
+                "--global-ca-file and --global-fingerprint are two ways to trust global: give one"
+            )
+        }
+        (Some(ca), None) => Trust::CaFile(ca),
+        (None, Some(f)) => Trust::Fingerprint(f.parse()?),
+        (None, None) => bail!(
+            "--global-address needs --global-ca-file or --global-fingerprint (or WEFT_ZONE_GLOBAL_CA_FILE / WEFT_ZONE_GLOBAL_FINGERPRINT): how to trust global's KDS certificate; global prints its CA's fingerprint on start"
+        ),
+    };
+    Ok(Some(Global {
+        address,
+        token_file,
+        trust,
+    }))
+}
+
+/// `https://host[:port]`, or `host:port` meaning the same; KDS always runs over TLS.
+fn parse_address(s: &str) -> anyhow::Result<Uri> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--global-address {s:?}: expected an https:// URL with a host (e.g. https://global.example.com:5685)"
+        )
+    };
+    let full = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("https://{s}")
+    };
+    let uri: Uri = full.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+        return Err(bad());
+    }
+    Ok(uri)
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = anyhow::Error;
+
+    /// `sha256:` and 64 hex digits, in either case, optionally `:`-separated per byte (as
+    /// `openssl x509 -noout -fingerprint -sha256` prints them).
+    fn from_str(s: &str) -> anyhow::Result<Fingerprint> {
+        let bad = || {
+            anyhow::anyhow!(
+                "--global-fingerprint {s:?}: expected sha256:<64 hex digits> (e.g. from openssl x509 -noout -fingerprint -sha256 -in kds-ca.pem)"
+            )
+        };
+        let hex_digits: String = s
+            .strip_prefix("sha256:")
+            .or_else(|| s.strip_prefix("SHA256:"))
+            .ok_or_else(bad)?
+            .chars()
+            .filter(|c| *c != ':')
+            .collect();
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&hex_digits, &mut out).map_err(|_| bad())?;
+        Ok(Fingerprint(out))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<File> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    serde_saphyr::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}

@@ -1,0 +1,82 @@
+//! weft-zone: the zone control plane of one zone. It holds the zone's resources in a memory
+//! store and serves weft-global's REST API in the zone role ([`Plane::Zone`]): it accepts
+//! writes to zone-owned kinds (dataplanes, ingresses, egresses, services) and stamps them
+//! with its origin, refuses global-owned kinds, and never changes what came from global or
+//! another zone.
+//!
+//! Entry points: [`run`] wires everything from a [`config::Config`]; [`serve`] does it on a
+//! store and listener the caller made, so tests serve a zone on `127.0.0.1:0`.
+
+pub mod config;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use weft_core::store::{Memory, Store};
+use weft_global::api::{self, Plane};
+use weft_global::auth::Auth;
+use weft_global::metrics::{Instrumented, Metrics};
+use weft_global::tokens::Tokens;
+
+pub use config::Config;
+
+/// Run the zone until `shutdown` is cancelled: a memory store, the connection to global when
+/// one is configured, and the API.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    let listener = TcpListener::bind(cfg.api_address)
+        .await
+        .with_context(|| format!("binding the API address {}", cfg.api_address))?;
+    // Federation: the KDS client starts here, on `store`, when `cfg.global` is set.
+    match &cfg.global {
+        None => tracing::info!(zone = %cfg.zone, "running standalone (no --global-address)"),
+        Some(global) => tracing::warn!(
+            zone = %cfg.zone,
+            global = %global.address,
+            "federation is not wired yet: not connecting to global, running standalone"
+        ),
+    }
+    serve(cfg, store, listener, shutdown).await
+}
+
+/// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
+/// in-flight requests. The admin and read-only API tokens are made on the first start against
+/// `store` and written to `cfg.data_dir`.
+pub async fn serve(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
+    let auth = Auth::bootstrap(store.clone(), &cfg.data_dir).await?;
+    let refresh = tokio::spawn(
+        auth.clone()
+            .refresh_loop(shutdown.clone())
+            .instrument(tracing::info_span!("auth-refresh")),
+    );
+    // `api::State` carries global's zone-token issuer, whose routes a zone does not serve
+    // (see `api::router`): this one signs nothing, and its key stays out of the zone's store.
+    let tokens = Arc::new(Tokens::bootstrap(Arc::new(Memory::new())).await?);
+    let state = api::State {
+        store,
+        auth,
+        metrics,
+        plane: Plane::Zone {
+            name: cfg.zone.clone(),
+        },
+        tokens,
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, zone = %cfg.zone, "weft-zone API listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    refresh.abort();
+    tracing::info!(zone = %cfg.zone, "weft-zone stopped");
+    Ok(())
+}
