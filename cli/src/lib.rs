@@ -8,6 +8,7 @@ pub mod config;
 pub mod get;
 pub mod inspect;
 pub mod output;
+pub mod tokens;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -91,6 +92,16 @@ pub enum Command {
     Inspect {
         #[command(subcommand)]
         command: InspectCommand,
+    },
+    /// Generate zone tokens.
+    Generate {
+        #[command(subcommand)]
+        command: tokens::Generate,
+    },
+    /// Revoke zone tokens.
+    Revoke {
+        #[command(subcommand)]
+        command: tokens::Revoke,
     },
     /// Print a shell completion script.
     Completion {
@@ -220,6 +231,8 @@ pub async fn run(cli: Cli) -> Result<String> {
         Command::Inspect {
             command: InspectCommand::Meshes { output },
         } => inspect::meshes(&connect()?, *output).await,
+        Command::Generate { command } => tokens::generate(&connect()?, command).await,
+        Command::Revoke { command } => tokens::revoke(&connect()?, command).await,
         Command::Completion { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "weftctl", &mut buf);

@@ -11,6 +11,7 @@ pub mod resource;
 pub mod selector;
 pub mod spec;
 pub mod store;
+pub mod token;
 pub mod validate;
 
 pub use kind::{Kind, Owner, Scope};

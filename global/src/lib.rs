@@ -7,9 +7,11 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod kds_tls;
 pub mod metrics;
 pub mod openapi;
 pub mod pg;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -66,11 +68,14 @@ pub async fn serve(
     let store: Arc<dyn Store> = Arc::new(metrics::Instrumented::new(store, metrics.clone()));
     let auth = auth::Auth::bootstrap(store.clone(), &cfg.data_dir).await?;
     ensure_default_mesh(&*store).await?;
+    let tokens = Arc::new(tokens::Tokens::bootstrap(store.clone()).await?);
     let refresh = tokio::spawn(auth.clone().refresh_loop(shutdown.clone()));
     let state = api::State {
         store,
         auth,
         metrics,
+        plane: api::Plane::Global,
+        tokens,
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = ?cfg.store, "weft-global API listening");
