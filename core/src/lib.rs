@@ -6,6 +6,7 @@
 //! in the crates that need them and implement the traits defined here.
 
 pub mod document;
+pub mod kds;
 pub mod kind;
 pub mod resource;
 pub mod selector;

@@ -84,6 +84,32 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub kds: KdsArgs,
+}
+
+/// Where zones connect (KDS, gRPC over TLS).
+#[derive(Args, Debug, Default)]
+pub struct KdsArgs {
+    /// Address of the KDS server zones dial [default: 127.0.0.1:5685].
+    #[arg(long, env = "WEFT_KDS_ADDRESS")]
+    pub kds_address: Option<SocketAddr>,
+    /// Extra DNS names or IPs for the generated KDS certificate (repeatable).
+    #[arg(long = "kds-tls-san", env = "WEFT_KDS_TLS_SANS", value_delimiter = ',')]
+    pub kds_tls_sans: Vec<String>,
+    /// Serve this certificate chain (PEM) instead of the generated one (with --kds-tls-key and --kds-tls-ca).
+    #[arg(long, env = "WEFT_KDS_TLS_CERT", requires_all = ["kds_tls_key", "kds_tls_ca"])]
+    pub kds_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "WEFT_KDS_TLS_KEY")]
+    pub kds_tls_key: Option<PathBuf>,
+    #[arg(long, env = "WEFT_KDS_TLS_CA")]
+    pub kds_tls_ca: Option<PathBuf>,
+    /// How often each KDS stream is pinged [default: 5s].
+    #[arg(long, env = "WEFT_KDS_PING_INTERVAL")]
+    pub kds_ping_interval: Option<weft_core::validate::Duration>,
+    /// A KDS stream silent for this long is torn down [default: 20s].
+    #[arg(long, env = "WEFT_KDS_STALL_TIMEOUT")]
+    pub kds_stall_timeout: Option<weft_core::validate::Duration>,
 }
 
 /// The optional YAML file: the same settings as the flags.
@@ -96,6 +122,13 @@ struct File {
     api_address: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    kds_address: Option<SocketAddr>,
+    kds_tls_sans: Option<Vec<String>>,
+    kds_tls_cert: Option<PathBuf>,
+    kds_tls_key: Option<PathBuf>,
+    kds_tls_ca: Option<PathBuf>,
+    kds_ping_interval: Option<weft_core::validate::Duration>,
+    kds_stall_timeout: Option<weft_core::validate::Duration>,
 }
 
 /// The resolved configuration of `weft-global run`.
@@ -107,6 +140,28 @@ pub struct Config {
     pub api_address: SocketAddr,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
+    pub kds: KdsConfig,
+}
+
+/// The resolved KDS settings.
+#[derive(Clone, Debug)]
+pub struct KdsConfig {
+    pub address: SocketAddr,
+    pub tls_sans: Vec<String>,
+    /// Operator-provided (cert chain, key, CA) files; generated material when absent.
+    pub tls_files: Option<(PathBuf, PathBuf, PathBuf)>,
+    pub liveness: weft_proto::driver::Liveness,
+}
+
+impl Default for KdsConfig {
+    fn default() -> Self {
+        KdsConfig {
+            address: "127.0.0.1:5685".parse().expect("valid default"),
+            tls_sans: Vec::new(),
+            tls_files: None,
+            liveness: weft_proto::driver::Liveness::default(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -118,6 +173,7 @@ impl Default for Config {
             api_address: "127.0.0.1:5681".parse().expect("valid default"),
             data_dir: PathBuf::from("weft-data"),
             log_format: LogFormat::Text,
+            kds: KdsConfig::default(),
         }
     }
 }
@@ -140,7 +196,49 @@ impl Config {
                 .unwrap_or(d.api_address),
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            kds: KdsConfig {
+                address: args
+                    .kds
+                    .kds_address
+                    .or(file.kds_address)
+                    .unwrap_or(d.kds.address),
+                tls_sans: if args.kds.kds_tls_sans.is_empty() {
+                    file.kds_tls_sans.unwrap_or_default()
+                } else {
+                    args.kds.kds_tls_sans
+                },
+                tls_files: match (
+                    args.kds.kds_tls_cert.or(file.kds_tls_cert),
+                    args.kds.kds_tls_key.or(file.kds_tls_key),
+                    args.kds.kds_tls_ca.or(file.kds_tls_ca),
+                ) {
+                    (Some(c), Some(k), Some(ca)) => Some((c, k, ca)),
+                    (None, None, None) => None,
+                    _ => {
+                        anyhow::bail!("--kds-tls-cert, --kds-tls-key and --kds-tls-ca go together")
+                    }
+                },
+                liveness: weft_proto::driver::Liveness {
+                    interval: args
+                        .kds
+                        .kds_ping_interval
+                        .or(file.kds_ping_interval)
+                        .map_or(d.kds.liveness.interval, |d| d.as_std()),
+                    timeout: args
+                        .kds
+                        .kds_stall_timeout
+                        .or(file.kds_stall_timeout)
+                        .map_or(d.kds.liveness.timeout, |d| d.as_std()),
+                },
+            },
         };
+        if cfg.kds.liveness.interval.is_zero()
+            || cfg.kds.liveness.timeout <= cfg.kds.liveness.interval
+        {
+            anyhow::bail!(
+                "--kds-stall-timeout must be longer than --kds-ping-interval (and both above 0)"
+            );
+        }
         if cfg.store == StoreKind::Postgres && cfg.postgres_url.is_none() {
             anyhow::bail!(
                 "--store postgres needs --postgres-url (or WEFT_POSTGRES_URL, or postgresUrl in the config file)"

@@ -7,7 +7,9 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod kds;
 pub mod kds_tls;
+pub mod leader;
 pub mod metrics;
 pub mod openapi;
 pub mod pg;
@@ -27,8 +29,19 @@ pub async fn open_store(
     cfg: &Config,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(open(cfg, shutdown).await?.0)
+}
+
+/// Open the store and the matching leader elector.
+pub async fn open(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Store>, leader::Elector)> {
     Ok(match cfg.store {
-        StoreKind::Memory => Arc::new(weft_core::store::Memory::new()),
+        StoreKind::Memory => (
+            Arc::new(weft_core::store::Memory::new()),
+            leader::Elector::Alone,
+        ),
         StoreKind::Postgres => {
             let url = cfg
                 .postgres_url
@@ -42,26 +55,45 @@ pub async fn open_store(
                     .await
                     .context("applying database migrations")?;
             }
-            Arc::new(pg::Store::new(pool, shutdown.clone()).await?)
+            (
+                Arc::new(pg::Store::new(pool.clone(), shutdown.clone()).await?),
+                leader::Elector::Postgres(pool),
+            )
         }
     })
 }
 
 /// Run global until `shutdown` is cancelled: open the store, make the admin and read-only
-/// tokens and the `default` mesh on first start, then serve the API.
+/// tokens and the `default` mesh on first start, then serve the API and KDS.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = open_store(&cfg, &shutdown).await?;
-    let listener = TcpListener::bind(&cfg.api_address)
+    let (store, elector) = open(&cfg, &shutdown).await?;
+    let api = TcpListener::bind(&cfg.api_address)
         .await
         .with_context(|| format!("binding the API address {}", cfg.api_address))?;
-    serve(cfg, store, listener, shutdown).await
+    let kds = TcpListener::bind(&cfg.kds.address)
+        .await
+        .with_context(|| format!("binding the KDS address {}", cfg.kds.address))?;
+    serve_with(cfg, store, elector, api, Some(kds), shutdown).await
 }
 
-/// Like [`run`], on a store and listener the caller made.
+/// The API alone (no KDS), on a store and listener the caller made.
 pub async fn serve(
     cfg: Config,
     store: Arc<dyn Store>,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_with(cfg, store, leader::Elector::Alone, listener, None, shutdown).await
+}
+
+/// Everything on listeners the caller made: the API, KDS (when given a listener) and the
+/// leader's duties.
+pub async fn serve_with(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    elector: leader::Elector,
+    listener: TcpListener,
+    kds_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
@@ -70,6 +102,27 @@ pub async fn serve(
     ensure_default_mesh(&*store).await?;
     let tokens = Arc::new(tokens::Tokens::bootstrap(store.clone()).await?);
     let refresh = tokio::spawn(auth.clone().refresh_loop(shutdown.clone()));
+    let leader = tokio::spawn(leader::run(elector, store.clone(), shutdown.clone()));
+    let kds = match kds_listener {
+        Some(l) => {
+            let material = match &cfg.kds.tls_files {
+                Some((cert, key, ca)) => kds_tls::from_files(cert, key, ca)?,
+                None => kds_tls::bootstrap(&*store, &cfg.kds.tls_sans).await?,
+            };
+            let ca = material.write_ca(&cfg.data_dir)?;
+            tracing::info!(ca = %ca.display(), "KDS CA certificate written");
+            let server = kds::Server::new(
+                store.clone(),
+                tokens.clone(),
+                uuid_like(),
+                cfg.kds.liveness,
+                shutdown.clone(),
+            );
+            let task = tokio::spawn(server.serve(l, material));
+            Some(task)
+        }
+        None => None,
+    };
     let state = api::State {
         store,
         auth,
@@ -79,10 +132,29 @@ pub async fn serve(
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = ?cfg.store, "weft-global API listening");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    let api = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let result = match kds {
+        // KDS is critical: if it dies, stop loudly rather than run half a control plane.
+        Some(mut task) => tokio::select! {
+            r = api => r.map_err(anyhow::Error::from),
+            r = &mut task => {
+                let stopping = shutdown.is_cancelled();
+                shutdown.cancel();
+                match r {
+                    Ok(Ok(())) if stopping => Ok(()),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the KDS server stopped")),
+                    Ok(Err(e)) => Err(e.context("the KDS server failed")),
+                    Err(e) => Err(anyhow::anyhow!("the KDS server task failed: {e}")),
+                }
+            }
+        },
+        None => api.await.map_err(anyhow::Error::from),
+    };
+    shutdown.cancel();
     refresh.abort();
+    leader.abort();
+    result?;
     tracing::info!("weft-global stopped");
     Ok(())
 }

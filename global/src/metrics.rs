@@ -53,7 +53,11 @@ pub struct Metrics {
     pub http_duration: HistogramFamily<RouteLabels>,
     pub store_duration: HistogramFamily<OpLabels>,
     resources: Family<ResourceLabels, Gauge>,
+    /// More metrics in text form, rendered by their owner (e.g. the zone's KDS link).
+    extra: std::sync::OnceLock<Extra>,
 }
+
+type Extra = Box<dyn Fn() -> String + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -96,7 +100,14 @@ impl Metrics {
             http_duration,
             store_duration,
             resources,
+            extra: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Add metrics rendered by another component (Prometheus text, `# TYPE` lines included).
+    /// Set once.
+    pub fn set_extra(&self, render: Extra) {
+        let _ = self.extra.set(render);
     }
 
     /// The Prometheus text exposition, with resource counts read from `store` now.
@@ -117,6 +128,11 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
+        if let Some(extra) = self.extra.get() {
+            // OpenMetrics ends with `# EOF`: the extra lines go before it.
+            let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+            out = format!("{body}{}# EOF\n", extra());
+        }
         out
     }
 }

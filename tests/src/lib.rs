@@ -67,6 +67,8 @@ pub enum Backend {
 /// A running `weft-global` process on its own port and data dir.
 pub struct Global {
     pub port: u16,
+    /// Where zones connect (KDS).
+    pub kds_port: u16,
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
     log: PathBuf,
@@ -80,6 +82,7 @@ impl Global {
         let log = data_dir.path().join("global.log");
         let mut g = Global {
             port: free_port(),
+            kds_port: free_port(),
             backend,
             log,
             data_dir,
@@ -100,7 +103,9 @@ impl Global {
             .arg("--api-address")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
-            .arg(self.data_dir.path());
+            .arg(self.data_dir.path())
+            .arg("--kds-address")
+            .arg(format!("127.0.0.1:{}", self.kds_port));
         match &self.backend {
             Backend::Memory => cmd.args(["--store", "memory"]),
             Backend::Postgres(url) => cmd.args(["--store", "postgres", "--postgres-url", url]),

@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// How often each KDS stream is pinged [default: 5s].
+    #[arg(long, env = "WEFT_ZONE_KDS_PING_INTERVAL")]
+    pub kds_ping_interval: Option<weft_core::validate::Duration>,
+    /// A KDS stream silent for this long is torn down and reconnected [default: 20s].
+    #[arg(long, env = "WEFT_ZONE_KDS_STALL_TIMEOUT")]
+    pub kds_stall_timeout: Option<weft_core::validate::Duration>,
 }
 
 /// The optional YAML file: the same settings as the flags.
@@ -77,6 +83,8 @@ struct File {
     api_address: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    kds_ping_interval: Option<weft_core::validate::Duration>,
+    kds_stall_timeout: Option<weft_core::validate::Duration>,
 }
 
 /// The resolved configuration of `weft-zone run`.
@@ -89,6 +97,8 @@ pub struct Config {
     pub api_address: SocketAddr,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
+    /// Ping cadence and stall deadline of the KDS streams.
+    pub kds_liveness: weft_proto::driver::Liveness,
 }
 
 /// How to reach global: set together, or not at all.
@@ -125,6 +135,7 @@ impl Config {
             api_address: "127.0.0.1:5682".parse().expect("valid default"),
             data_dir: PathBuf::from("weft-zone-data"),
             log_format: LogFormat::Text,
+            kds_liveness: weft_proto::driver::Liveness::default(),
         }
     }
 
@@ -162,6 +173,16 @@ impl Config {
                 .unwrap_or(d.api_address),
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            kds_liveness: weft_proto::driver::Liveness {
+                interval: args
+                    .kds_ping_interval
+                    .or(file.kds_ping_interval)
+                    .map_or(d.kds_liveness.interval, |d| d.as_std()),
+                timeout: args
+                    .kds_stall_timeout
+                    .or(file.kds_stall_timeout)
+                    .map_or(d.kds_liveness.timeout, |d| d.as_std()),
+            },
             ..d
         })
     }

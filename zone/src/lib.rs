@@ -8,6 +8,7 @@
 //! store and listener the caller made, so tests serve a zone on `127.0.0.1:0`.
 
 pub mod config;
+pub mod kds;
 
 use std::sync::Arc;
 
@@ -30,28 +31,72 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let listener = TcpListener::bind(cfg.api_address)
         .await
         .with_context(|| format!("binding the API address {}", cfg.api_address))?;
-    // Federation: the KDS client starts here, on `store`, when `cfg.global` is set.
-    match &cfg.global {
-        None => tracing::info!(zone = %cfg.zone, "running standalone (no --global-address)"),
-        Some(global) => tracing::warn!(
-            zone = %cfg.zone,
-            global = %global.address,
-            "federation is not wired yet: not connecting to global, running standalone"
-        ),
+    let link = match &cfg.global {
+        None => {
+            tracing::info!(zone = %cfg.zone, "running standalone (no --global-address)");
+            None
+        }
+        Some(global) => {
+            let client = kds::Client::new(
+                kds::Config {
+                    zone: cfg.zone.clone(),
+                    global_address: global.address.to_string(),
+                    token_file: global.token_file.clone(),
+                    trust: match &global.trust {
+                        config::Trust::CaFile(p) => kds::Trust::CaFile(p.clone()),
+                        config::Trust::Fingerprint(fp) => kds::Trust::Fingerprint(fp.to_string()),
+                    },
+                    liveness: cfg.kds_liveness,
+                },
+                store.clone(),
+                instance_id(),
+            );
+            tracing::info!(zone = %cfg.zone, global = %global.address, "joining global");
+            let status = client.status();
+            let task = tokio::spawn(
+                client
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("kds", zone = %cfg.zone)),
+            );
+            Some((status, task))
+        }
+    };
+    let status = link.as_ref().map(|(s, _)| s.clone());
+    let result = serve_linked(cfg, store, listener, shutdown, status).await;
+    if let Some((_, task)) = link {
+        task.abort();
     }
-    serve(cfg, store, listener, shutdown).await
+    result
 }
 
-/// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
-/// in-flight requests. The admin and read-only API tokens are made on the first start against
-/// `store` and written to `cfg.data_dir`.
+fn instance_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}
+
+/// Serve on a store and listener the caller made, without a link to global.
 pub async fn serve(
     cfg: Config,
     store: Arc<dyn Store>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_linked(cfg, store, listener, shutdown, None).await
+}
+
+/// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
+/// in-flight requests. The admin and read-only API tokens are made on the first start against
+/// `store` and written to `cfg.data_dir`. With `link`, `/metrics` reports the KDS link.
+pub async fn serve_linked(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    link: Option<Arc<kds::Status>>,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    if let Some(status) = link {
+        metrics.set_extra(Box::new(move || kds::render_metrics(&status)));
+    }
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
     let auth = Auth::bootstrap(store.clone(), &cfg.data_dir).await?;
     let refresh = tokio::spawn(

@@ -1,0 +1,8 @@
+//! Compile the .proto files with protox (pure Rust: no system protoc needed).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/weft/kds/v1/kds.proto"];
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

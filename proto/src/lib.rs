@@ -1,0 +1,12 @@
+//! weft-proto: the wire. Generated KDS code (`kds::v1`), conversions between wire and
+//! `weft-core` types, and the stream drivers both ends of a KDS stream share.
+
+pub mod convert;
+pub mod driver;
+
+/// Generated from `proto/weft/kds/v1/kds.proto`.
+pub mod kds {
+    pub mod v1 {
+        tonic::include_proto!("weft.kds.v1");
+    }
+}
