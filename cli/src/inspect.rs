@@ -1,4 +1,5 @@
-//! `weftctl inspect meshes`: resource counts per mesh from `GET /_inspect/meshes`.
+//! `weftctl inspect meshes` (resource counts per mesh, `GET /_inspect/meshes`) and
+//! `weftctl inspect zones` (zone status, `GET /_inspect/zones`).
 
 use anyhow::{Result, bail};
 use serde_json::Value;
@@ -54,6 +55,50 @@ pub fn meshes_table(resp: &Value) -> Result<String> {
     Ok(t.render())
 }
 
+pub async fn zones(client: &Client, format: Format) -> Result<String> {
+    let resp = client.get(&["_inspect", "zones"], &[]).await?;
+    Ok(match format {
+        Format::Table => zones_table(&resp, chrono::Utc::now())?,
+        Format::Yaml => weft_core::document::value_to_yaml(&resp),
+        Format::Json => output::json(&resp),
+    })
+}
+
+/// NAME STATUS LAST SEEN VERSION RESOURCES.
+pub fn zones_table(resp: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<String> {
+    let Some(items) = resp.get("items").and_then(Value::as_array) else {
+        bail!("unexpected answer from /_inspect/zones: no items");
+    };
+    let mut t = Table::new(["NAME", "STATUS", "LAST SEEN", "VERSION", "RESOURCES"]);
+    for z in items {
+        let text = |k: &str| z.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let seen = z
+            .get("lastSeen")
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map_or_else(
+                || "never".to_string(),
+                |t| format!("{} ago", output::age(t.with_timezone(&chrono::Utc), now)),
+            );
+        let version = text("version");
+        t.row([
+            text("name"),
+            text("status"),
+            seen,
+            if version.is_empty() {
+                "-".to_string()
+            } else {
+                version
+            },
+            z.get("resources")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string(),
+        ]);
+    }
+    Ok(t.render())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +117,31 @@ mod tests {
              empty     0            0          0          0\n"
         );
         assert!(meshes_table(&json!({})).is_err());
+    }
+
+    #[test]
+    fn zones_table_shows_status_and_last_seen() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let resp = json!({"items": [
+            {"name": "east", "status": "online", "lastSeen": "2026-11-22T09:59:58Z", "version": "0.1.0", "resources": 12},
+            {"name": "west", "status": "offline", "lastSeen": null, "version": "", "resources": 0}
+        ]});
+        let out = zones_table(&resp, now).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NAME"));
+        assert!(
+            lines[1].contains("east")
+                && lines[1].contains("online")
+                && lines[1].contains("2s ago")
+                && lines[1].contains("12"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("west") && lines[2].contains("offline") && lines[2].contains("never"),
+            "{out}"
+        );
+        assert!(zones_table(&json!({}), now).is_err());
     }
 }

@@ -162,6 +162,12 @@ pub enum InspectCommand {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Zones: online or offline, last seen, version, resources they sent (global only).
+    Zones {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 }
 
 /// Parse the process arguments, run, print, and map the outcome to an exit code.
@@ -231,6 +237,9 @@ pub async fn run(cli: Cli) -> Result<String> {
         Command::Inspect {
             command: InspectCommand::Meshes { output },
         } => inspect::meshes(&connect()?, *output).await,
+        Command::Inspect {
+            command: InspectCommand::Zones { output },
+        } => inspect::zones(&connect()?, *output).await,
         Command::Generate { command } => tokens::generate(&connect()?, command).await,
         Command::Revoke { command } => tokens::revoke(&connect()?, command).await,
         Command::Completion { shell } => {

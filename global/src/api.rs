@@ -123,8 +123,10 @@ pub fn router(state: State) -> Router {
             get(get_top).put(put_top).delete(delete_top),
         );
     if state.plane == Plane::Global {
-        // Zone tokens are issued and revoked on global only.
-        api = api.merge(crate::tokens::routes());
+        // Zone tokens are issued and revoked on global only, and only global sees zones.
+        api = api
+            .merge(crate::tokens::routes())
+            .route("/_inspect/zones", get(inspect_zones));
     } else {
         api = api.route(
             "/_tokens/{*rest}",
@@ -508,6 +510,69 @@ async fn get_in_mesh(
 ) -> ApiResult<Response> {
     let kind = mesh_scoped(&plural)?;
     fetch(&state, Key::new(kind, Some(&mesh), &name)).await
+}
+
+/// Every zone with its connection insight: online/offline, last seen, version, what global
+/// holds from it, per-kind KDS counts and the last NACK.
+async fn inspect_zones(Extract(state): Extract<State>) -> ApiResult<Json<Value>> {
+    let now = chrono::Utc::now();
+    let mut items = Vec::new();
+    let mut q = ListQuery::all(Kind::Zone);
+    q.limit = Some(MAX_PAGE);
+    loop {
+        let page = state.store.list(&q).await?;
+        for z in &page.items {
+            let insight = crate::kds::read_insight(&*state.store, &z.name)
+                .await?
+                .unwrap_or_default();
+            let mut resources = 0usize;
+            for kind in weft_core::kds::kinds(weft_core::kds::Direction::ZoneToGlobal) {
+                let mut rq = ListQuery::all(kind);
+                rq.selector = format!("{ZONE_LABEL}={}", z.name)
+                    .parse()
+                    .map_err(|e: String| ApiError::bad_request("zone", e))?;
+                rq.limit = Some(MAX_PAGE);
+                loop {
+                    let p = state.store.list(&rq).await?;
+                    resources += p.items.len();
+                    match p.next {
+                        Some(n) => rq.after = Some(n),
+                        None => break,
+                    }
+                }
+            }
+            let enabled = z
+                .spec
+                .get("enabled")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            let status = if !enabled {
+                "disabled"
+            } else if insight.online(now) {
+                "online"
+            } else {
+                "offline"
+            };
+            items.push(json!({
+                "name": z.name,
+                "enabled": enabled,
+                "status": status,
+                "lastSeen": insight.last_seen,
+                "connectedSince": insight.connected_since,
+                "version": insight.version,
+                "globalInstance": insight.global_instance,
+                "resources": resources,
+                "kinds": insight.kinds,
+                "lastNack": insight.last_nack,
+                "lastDisconnect": insight.last_disconnect,
+            }));
+        }
+        match page.next {
+            Some(n) => q.after = Some(n),
+            None => break,
+        }
+    }
+    Ok(Json(json!({ "items": items })))
 }
 
 async fn inspect_meshes(Extract(state): Extract<State>) -> ApiResult<Json<Value>> {

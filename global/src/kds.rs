@@ -160,6 +160,17 @@ impl Server {
             )));
         }
         let zone = claims.zone().to_string();
+        if let Some(claimed) = req
+            .metadata()
+            .get("weft-zone")
+            .and_then(|v| v.to_str().ok())
+            && claimed != zone
+        {
+            tracing::warn!(%zone, %claimed, "refused a zone whose token is for another zone");
+            return Err(Status::permission_denied(format!(
+                "the zone token is for zone {zone:?}, but this zone calls itself {claimed:?} (use a token issued for {claimed:?})"
+            )));
+        }
         self.check_zone(&zone, true).await?;
         Ok(zone)
     }

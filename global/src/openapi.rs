@@ -156,6 +156,21 @@ pub fn document(plane: &Plane) -> Value {
     }});
     paths.insert("/_apply".into(), apply);
     paths.insert("/_inspect/meshes".into(), json!({"get": op("Resource counts per mesh".into(), "inspect", &[], false, ("200", "inspect"))}));
+    if *plane == Plane::Global {
+        paths.insert("/_inspect/zones".into(), json!({"get": op("Zones with their connection status, last seen, version and KDS counts".into(), "inspect", &[], false, ("200", "inspect"))}));
+        let token_op = |summary: &str| json!({"summary": summary, "tags": ["tokens"], "responses": {"200": {"description": "ok"}, "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}});
+        let mut issue =
+            token_op("Issue a zone token: {zone, scope: zone|ingress|egress, validFor: 720h}");
+        issue["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string"}, "scope": {"type": "string", "enum": ["zone", "ingress", "egress"]}, "validFor": {"type": "string"}}}}}});
+        paths.insert("/_tokens/zone".into(), json!({"post": issue}));
+        let mut revoke = token_op("Revoke a zone token by id");
+        revoke["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}}}});
+        paths.insert("/_tokens/revoke".into(), json!({"post": revoke}));
+        paths.insert(
+            "/_tokens/revoked".into(),
+            json!({"get": token_op("List revoked zone token ids")}),
+        );
+    }
     for (p, what) in [
         ("/healthz", "Liveness"),
         ("/readyz", "Readiness: 200 only when the store is reachable"),

@@ -104,8 +104,11 @@ pub struct Config {
 /// How to reach global: set together, or not at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Global {
-    /// Global's KDS address, always `https://host[:port]`.
+    /// Global's KDS address, always `https://host[:port]`: the first of `addresses`.
     pub address: Uri,
+    /// Every global replica to try, in order (`--global-address a:5685,b:5685`); the zone
+    /// moves to the next when one fails.
+    pub addresses: Vec<Uri>,
     /// The file holding the zone token, read when connecting (so a rotated token is picked up).
     pub token_file: PathBuf,
     /// How to check global's certificate.
@@ -208,7 +211,15 @@ fn resolve_global(
         }
         return Ok(None);
     };
-    let address = parse_address(&address)?;
+    let addresses = address
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(parse_address)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Some(address) = addresses.first().cloned() else {
+        bail!("--global-address is empty (expected host:port, or several separated by commas)");
+    };
     let Some(token_file) = token_file else {
         bail!(
             "--global-address needs --zone-token-file (or WEFT_ZONE_TOKEN_FILE, or zoneTokenFile in the config file): the file holding this zone's token, issued by global"
@@ -228,6 +239,7 @@ fn resolve_global(
     };
     Ok(Some(Global {
         address,
+        addresses,
         token_file,
         trust,
     }))

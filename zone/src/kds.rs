@@ -24,6 +24,8 @@ use weft_proto::kds::v1 as pb;
 
 /// Largest KDS message accepted.
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// The metadata key carrying the zone's own name.
+pub const ZONE_HEADER: &str = "weft-zone";
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -39,8 +41,8 @@ pub enum Trust {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub zone: String,
-    /// `host:port` or `https://host:port`.
-    pub global_address: String,
+    /// Global replicas, each `host:port` or `https://host:port`; tried in turn.
+    pub global_addresses: Vec<String>,
     pub token_file: PathBuf,
     pub trust: Trust,
     pub liveness: Liveness,
@@ -89,9 +91,12 @@ impl Client {
     /// Stay connected to global until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut attempt = 0u32;
+        let mut replica = 0usize;
         loop {
             let started = Instant::now();
-            let result = self.session(&shutdown).await;
+            let address =
+                self.cfg.global_addresses[replica % self.cfg.global_addresses.len()].clone();
+            let result = self.session(&address, &shutdown).await;
             self.status
                 .connected
                 .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -108,6 +113,8 @@ impl Client {
             if started.elapsed() > Duration::from_secs(30) {
                 attempt = 0;
             }
+            // Try the next replica (with one address: the same one again).
+            replica += 1;
             let delay =
                 weft_core::kds::backoff(attempt, BACKOFF_BASE, BACKOFF_MAX, rand::random::<f64>());
             attempt = attempt.saturating_add(1);
@@ -123,12 +130,13 @@ impl Client {
     }
 
     /// One connection: both streams, until either ends.
-    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn session(&self, address: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let token = std::fs::read_to_string(&self.cfg.token_file)
             .with_context(|| format!("reading the zone token {}", self.cfg.token_file.display()))?
             .trim()
             .to_string();
-        let channel = connect(&self.cfg).await?;
+        let channel = connect(address, &self.cfg.trust).await?;
+        tracing::info!(%address, "connected to global");
         let client = pb::kds_client::KdsClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -356,9 +364,9 @@ impl ServerCertVerifier for Pinned {
 }
 
 /// Open a gRPC channel to global over our own TLS connector.
-async fn connect(cfg: &Config) -> anyhow::Result<Channel> {
-    let (host, port) = host_port(&cfg.global_address)?;
-    let tls = Arc::new(tls_config(&cfg.trust)?);
+async fn connect(address: &str, trust: &Trust) -> anyhow::Result<Channel> {
+    let (host, port) = host_port(address)?;
+    let tls = Arc::new(tls_config(trust)?);
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("{host:?} is not a valid server name"))?;
     let addr = format!("{host}:{port}");
@@ -381,7 +389,7 @@ async fn connect(cfg: &Config) -> anyhow::Result<Channel> {
     endpoint
         .connect_with_connector(connector)
         .await
-        .with_context(|| format!("connecting to global at {}", cfg.global_address))
+        .with_context(|| format!("connecting to global at {address}"))
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             let client = kds::Client::new(
                 kds::Config {
                     zone: cfg.zone.clone(),
-                    global_address: global.address.to_string(),
+                    global_addresses: global.addresses.iter().map(ToString::to_string).collect(),
                     token_file: global.token_file.clone(),
                     trust: match &global.trust {
                         config::Trust::CaFile(p) => kds::Trust::CaFile(p.clone()),
