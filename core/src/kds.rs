@@ -173,6 +173,8 @@ pub struct Item {
     pub labels: BTreeMap<String, String>,
     pub spec: Value,
     pub version: u64,
+    /// When it last changed at the sender (unix milliseconds), for the sync-lag metric.
+    pub modified_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -523,6 +525,7 @@ impl Sender {
                 labels: r.labels,
                 spec: r.spec,
                 version: r.meta.version,
+                modified_ms: r.meta.modification_time.map_or(0, |t| t.timestamp_millis()),
             };
             let item_size = estimate(&item);
             if size + item_size > self.max_batch_bytes && (!items.is_empty() || !dels.is_empty()) {

@@ -48,6 +48,7 @@ pub fn to_wire(m: Msg) -> pb::Message {
                     labels: i.labels.into_iter().collect(),
                     spec_json: i.spec.to_string(),
                     version: i.version,
+                    modified_unix_ms: i.modified_ms,
                 })
                 .collect(),
             deletes: b
@@ -126,6 +127,7 @@ pub fn batch_from_wire(b: pb::Batch) -> Result<Batch, BadMessage> {
                 labels: r.labels.into_iter().collect(),
                 spec,
                 version: r.version,
+                modified_ms: r.modified_unix_ms,
             })
         })
         .collect::<Result<_, BadMessage>>()?;
@@ -168,6 +170,7 @@ mod tests {
                     labels: BTreeMap::from([("a".into(), "b".into())]),
                     spec: serde_json::json!({"x": 1}),
                     version: 3,
+                    modified_ms: 1_700_000_000_000,
                 }],
                 deletes: vec![(String::new(), "gone".into())],
                 synced: true,

@@ -67,6 +67,9 @@ pub struct Snapshot {
     pub peer: Option<Hello>,
     pub connected_at: Option<Instant>,
     pub last_seen: Option<Instant>,
+    /// Receiving end: how long the newest change of the last applied batch took from its
+    /// write at the sender to being applied here (wall clocks of both ends).
+    pub last_lag: Option<Duration>,
 }
 
 impl Stats {
@@ -283,7 +286,17 @@ where
                     }
                     Err(invalid) => Some(invalid.to_string()),
                 };
+                let newest = batch.upserts.iter().map(|i| i.modified_ms).max().unwrap_or(0);
+                let lag = (newest > 0 && nack.is_none()).then(|| {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    Duration::from_millis(now_ms.saturating_sub(newest).max(0) as u64)
+                });
                 stats.update(|s| {
+                    if lag.is_some() {
+                        s.last_lag = lag;
+                    }
                     let k = s.kinds.entry(batch.kind).or_default();
                     k.sent += count;
                     match &nack {
