@@ -1,8 +1,14 @@
-//! The end-to-end harness: start the real `weft-global` binary (and later zones and
-//! proxies) on loopback against real PostgreSQL, drive it with the real `weftctl`, and dump
-//! every process's log when a test fails.
+//! The end-to-end harness: start the real `weft-global` and `weft-zone` binaries on loopback
+//! against real PostgreSQL, drive them with the real `weftctl` and their REST APIs, put
+//! proxies between them, and dump every process's log when a test fails.
 
+pub mod api;
 pub mod fixtures;
+pub mod proxy;
+pub mod zone;
+
+pub use api::Api;
+pub use zone::Zone;
 
 use std::io::Read as _;
 use std::net::TcpListener;
@@ -64,7 +70,7 @@ pub enum Backend {
     Postgres(String),
 }
 
-/// A running `weft-global` process on its own port and data dir.
+/// A running `weft-global` process on its own ports and data dir.
 pub struct Global {
     pub port: u16,
     /// Where zones connect (KDS).
@@ -74,27 +80,141 @@ pub struct Global {
     log: PathBuf,
     child: Option<Child>,
     pub admin_token: String,
+    /// Extra `weft-global run` flags, kept across restarts and given to replicas.
+    args: Vec<String>,
 }
 
-impl Global {
-    pub async fn start(backend: Backend) -> anyhow::Result<Global> {
+/// How to start a global: `Global::builder(backend).args(&[..]).start()`.
+pub struct GlobalBuilder {
+    backend: Backend,
+    args: Vec<String>,
+    admin_token: Option<String>,
+}
+
+impl GlobalBuilder {
+    /// Extra flags for `weft-global run`, e.g. `--kds-ping-interval 500ms`.
+    pub fn args(mut self, args: &[&str]) -> GlobalBuilder {
+        self.args.extend(args.iter().map(ToString::to_string));
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<Global> {
         let data_dir = tempfile::tempdir()?;
         let log = data_dir.path().join("global.log");
+        if let Some(token) = &self.admin_token {
+            // A replica on a store another replica made: global writes the token file only
+            // on the first start against a store, so hand it the one we know.
+            std::fs::write(data_dir.path().join("admin-token"), token)?;
+        }
         let mut g = Global {
             port: free_port(),
             kds_port: free_port(),
-            backend,
+            backend: self.backend,
             log,
             data_dir,
             child: None,
             admin_token: String::new(),
+            args: self.args,
         };
         g.spawn().await?;
         Ok(g)
     }
+}
+
+/// A zone token issued by global (`POST /_tokens/zone`).
+#[derive(Clone, Debug)]
+pub struct ZoneToken {
+    pub token: String,
+    pub id: String,
+    pub expires_at: String,
+}
+
+impl Global {
+    pub async fn start(backend: Backend) -> anyhow::Result<Global> {
+        Global::builder(backend).start().await
+    }
+
+    pub fn builder(backend: Backend) -> GlobalBuilder {
+        GlobalBuilder {
+            backend,
+            args: Vec::new(),
+            admin_token: None,
+        }
+    }
+
+    /// Another replica on the same store (same database, same flags), with its own ports
+    /// and data dir. Only meaningful on PostgreSQL.
+    pub async fn replica(&self) -> anyhow::Result<Global> {
+        GlobalBuilder {
+            backend: self.backend.clone(),
+            args: self.args.clone(),
+            admin_token: Some(self.admin_token.clone()),
+        }
+        .start()
+        .await
+    }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What zones dial: `127.0.0.1:<kds port>`.
+    pub fn kds_address(&self) -> String {
+        format!("127.0.0.1:{}", self.kds_port)
+    }
+
+    /// The CA zones trust, written by global to `<data-dir>/kds-ca.pem` on start.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.path().join("kds-ca.pem")
+    }
+
+    /// `sha256:<hex>` of the KDS CA (computed from [`ca_file`](Global::ca_file)).
+    pub fn fingerprint(&self) -> anyhow::Result<String> {
+        let pem = std::fs::read_to_string(self.ca_file())
+            .with_context(|| format!("reading {}", self.ca_file().display()))?;
+        weft_global::kds_tls::fingerprint_of_pem(&pem)
+    }
+
+    /// The CA fingerprint as global logged it on start (`fingerprint=sha256:...`).
+    pub fn logged_fingerprint(&self) -> Option<String> {
+        let logs = self.logs();
+        let line = logs.lines().rev().find(|l| l.contains("KDS listening"))?;
+        let at = line.find("sha256:")?;
+        let fp: String = line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == ':')
+            .collect();
+        Some(fp)
+    }
+
+    /// The REST API with the admin token.
+    pub fn api(&self) -> Api {
+        Api::new(self.url(), self.admin_token.clone())
+    }
+
+    /// Issue a zone token over the API (`POST /_tokens/zone`).
+    pub async fn zone_token(&self, zone: &str, valid_for: &str) -> anyhow::Result<ZoneToken> {
+        let r = self
+            .req(reqwest::Method::POST, "/_tokens/zone")
+            .json(&serde_json::json!({"zone": zone, "scope": "zone", "validFor": valid_for}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await?;
+        if !status.is_success() {
+            bail!("POST /_tokens/zone: {status}: {body}");
+        }
+        let field = |k: &str| -> anyhow::Result<String> {
+            Ok(body[k]
+                .as_str()
+                .with_context(|| format!("POST /_tokens/zone: no {k} in {body}"))?
+                .to_string())
+        };
+        Ok(ZoneToken {
+            token: field("token")?,
+            id: field("id")?,
+            expires_at: field("expiresAt")?,
+        })
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -110,13 +230,15 @@ impl Global {
             Backend::Memory => cmd.args(["--store", "memory"]),
             Backend::Postgres(url) => cmd.args(["--store", "postgres", "--postgres-url", url]),
         };
+        cmd.args(&self.args);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
         cmd.stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
-            .env("WEFT_LOG", "info");
+            .env("WEFT_LOG", "info")
+            .env("NO_COLOR", "1");
         self.child = Some(cmd.spawn().context("starting weft-global")?);
         let http = client();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -150,18 +272,14 @@ impl Global {
         }
     }
 
-    /// Start again on the same port, data dir and backend.
+    /// Start again on the same ports, data dir, backend and flags.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
         self.spawn().await
     }
 
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        read_log(&self.log)
     }
 
     /// An authenticated request to the API.
@@ -189,6 +307,15 @@ impl Drop for Global {
             );
         }
     }
+}
+
+/// A process's log file as text (empty if it cannot be read).
+pub fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
 }
 
 pub fn client() -> reqwest::Client {

@@ -177,6 +177,14 @@ impl Client {
                 .parse()
                 .context("the zone token is not valid header text")?,
         );
+        // Global refuses a token issued for another zone than the one we say we are.
+        req.metadata_mut().insert(
+            ZONE_HEADER,
+            self.cfg
+                .zone
+                .parse()
+                .context("the zone name is not valid header text")?,
+        );
         let incoming = match dir {
             Direction::GlobalToZone => client.global_to_zone(req).await,
             Direction::ZoneToGlobal => client.zone_to_global(req).await,
