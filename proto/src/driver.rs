@@ -89,10 +89,13 @@ impl Stats {
 /// A sink for outgoing messages: the channel feeding the gRPC stream.
 pub type Out = mpsc::Sender<pb::Message>;
 
-async fn send(out: &Out, m: Msg) -> Result<(), Error> {
-    out.send(convert::to_wire(m))
-        .await
-        .map_err(|_| Error::Closed)
+/// Send, but give up when the peer has not taken anything for the stall deadline: a send
+/// that blocks on a full stream is a stall too.
+async fn send(out: &Out, m: Msg, live: Liveness) -> Result<(), Error> {
+    match tokio::time::timeout(live.timeout, out.send(convert::to_wire(m))).await {
+        Ok(r) => r.map_err(|_| Error::Closed),
+        Err(_) => Err(Error::Stalled(live.timeout)),
+    }
 }
 
 fn hello(stream: &kds::Stream, instance: &str) -> Msg {
@@ -140,7 +143,7 @@ where
         s.connected_at = Some(Instant::now());
         s.synced = false;
     });
-    send(&out, hello(&stream, instance)).await?;
+    send(&out, hello(&stream, instance), live).await?;
     loop {
         let mut actions = Vec::new();
         if read_feed {
@@ -155,7 +158,7 @@ where
                     match received(&stats, m)? {
                         Msg::Inventory(inv) => actions = sender.on_inventory(inv),
                         Msg::Ack(ack) => actions = sender.on_ack(ack),
-                        Msg::Ping(id) => send(&out, Msg::Pong(id)).await?,
+                        Msg::Ping(id) => send(&out, Msg::Pong(id), live).await?,
                         Msg::Pong(_) | Msg::Hello(_) => {}
                         Msg::Batch(_) => return Err(BadMessage("a batch sent to the sending end".into()).into()),
                     }
@@ -171,14 +174,14 @@ where
                         return Err(Error::Stalled(last_rx.elapsed()));
                     }
                     ping_id += 1;
-                    send(&out, Msg::Ping(ping_id)).await?;
+                    send(&out, Msg::Ping(ping_id), live).await?;
                 }
             }
         }
         while !actions.is_empty() {
             for action in std::mem::take(&mut actions) {
                 match action {
-                    Action::Send(m) => send(&out, m).await?,
+                    Action::Send(m) => send(&out, m, live).await?,
                     Action::Snapshot => {
                         let (revision, resources) = kds::snapshot(&*store, &stream).await?;
                         actions.extend(sender.on_snapshot(revision, resources));
@@ -243,9 +246,9 @@ where
         s.connected_at = Some(Instant::now());
         s.synced = false;
     });
-    send(&out, hello(&stream, instance)).await?;
+    send(&out, hello(&stream, instance), live).await?;
     for m in kds::inventory(&*store, &stream).await? {
-        send(&out, m).await?;
+        send(&out, m, live).await?;
     }
     loop {
         tokio::select! {
@@ -260,7 +263,7 @@ where
                         match convert::batch_from_wire(b) {
                             Ok(b) => b,
                             Err(e) => {
-                                send(&out, Msg::Ack(Ack { nonce, nack: Some(e.to_string()) })).await?;
+                                send(&out, Msg::Ack(Ack { nonce, nack: Some(e.to_string()) }), live).await?;
                                 tracing::warn!(zone = %stream.zone, %kind, error = %e, "refused a batch");
                                 continue;
                             }
@@ -268,7 +271,7 @@ where
                     }
                     other => {
                         match received(&stats, other)? {
-                            Msg::Ping(id) => send(&out, Msg::Pong(id)).await?,
+                            Msg::Ping(id) => send(&out, Msg::Pong(id), live).await?,
                             Msg::Pong(_) | Msg::Hello(_) => {}
                             m => return Err(BadMessage(format!("unexpected message at the receiving end: {m:?}")).into()),
                         }
@@ -314,14 +317,14 @@ where
                 if let Some(reason) = &nack {
                     tracing::warn!(zone = %stream.zone, kind = %batch.kind, %reason, "refused a batch");
                 }
-                send(&out, Msg::Ack(Ack { nonce: batch.nonce, nack })).await?;
+                send(&out, Msg::Ack(Ack { nonce: batch.nonce, nack }), live).await?;
             }
             _ = ping.tick() => {
                 if last_rx.elapsed() > live.timeout {
                     return Err(Error::Stalled(last_rx.elapsed()));
                 }
                 ping_id += 1;
-                send(&out, Msg::Ping(ping_id)).await?;
+                send(&out, Msg::Ping(ping_id), live).await?;
             }
         }
     }

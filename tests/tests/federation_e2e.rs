@@ -560,10 +560,10 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
             SYNC,
         )
         .await;
-    // An empty file is sent as is and refused by global (the zone does not check it first).
+    // An empty file is refused by the zone itself, before dialling, naming the file.
     empty
         .wait_log(
-            "global refused the stream: malformed zone token: expected three base64url parts",
+            "is empty (put the token from `weftctl generate zone-token --zone",
             SYNC,
         )
         .await;
@@ -577,7 +577,7 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
         (&e, "expired at"),
         (&y, "calls itself"),
         (&missing, "reading the zone token"),
-        (&empty, "malformed zone token"),
+        (&empty, "is empty (put the token"),
         (&r, "was revoked"),
     ];
     let counts: Vec<usize> = refused

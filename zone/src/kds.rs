@@ -135,6 +135,12 @@ impl Client {
             .with_context(|| format!("reading the zone token {}", self.cfg.token_file.display()))?
             .trim()
             .to_string();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "the zone token file {} is empty (put the token from `weftctl generate zone-token --zone {}` in it)",
+            self.cfg.token_file.display(),
+            self.cfg.zone
+        );
         let channel = connect(address, &self.cfg.trust).await?;
         tracing::info!(%address, "connected to global");
         let client = pb::kds_client::KdsClient::new(channel)
