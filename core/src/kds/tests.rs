@@ -94,6 +94,7 @@ struct Sim {
     rng: Rng,
     connects: u32,
     nacks: u32,
+    reordered: u32,
 }
 
 impl Sim {
@@ -134,6 +135,15 @@ impl Sim {
                 }));
             }
             return;
+        }
+        // Acks are independent of each other: deliver them out of order now and then.
+        if conn.to_sender.len() > 1
+            && matches!(conn.to_sender[0], Msg::Ack(_))
+            && matches!(conn.to_sender[1], Msg::Ack(_))
+            && self.rng.chance(30)
+        {
+            conn.to_sender.swap(0, 1);
+            self.reordered += 1;
         }
         let Some(msg) = conn.to_sender.pop_front() else {
             return;
@@ -228,6 +238,7 @@ async fn simulate(seed: u64, send: Stream, recv: Stream, mutate: bool) -> Sim {
         rng: Rng(seed | 1),
         connects: 0,
         nacks: 0,
+        reordered: 0,
     };
     sim.source.create(mesh("default")).await.unwrap();
     sim.connect().await;
@@ -281,6 +292,7 @@ async fn converges_after_drops_and_delays_global_to_zone() {
         assert_eq!(got, want, "seed {seed}: receiver differs from sender");
         assert!(want.len() > 3, "seed {seed}: the simulation made changes");
         assert!(sim.connects > 5, "seed {seed}: connections dropped");
+        assert!(sim.reordered > 0, "seed {seed}: acks were reordered");
         assert_eq!(sim.nacks, 0);
     }
 }
