@@ -282,7 +282,11 @@ impl Server {
         };
         tokio::pin!(driver);
         let mut recheck = tokio::time::interval(RECHECK);
-        let mut insight = tokio::time::interval(INSIGHT_EVERY);
+        // First report soon after the zone's Hello, then every few seconds.
+        let mut insight = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(300),
+            INSIGHT_EVERY,
+        );
         let status = loop {
             tokio::select! {
                 r = &mut driver => break match r {
@@ -345,7 +349,8 @@ impl Server {
             ins.connected_since =
                 Some(now - chrono::Duration::from_std(at.elapsed()).unwrap_or_default());
         }
-        if let Some(seen) = snap.last_seen {
+        // Opening the stream is hearing from the zone.
+        if let Some(seen) = snap.last_seen.or(snap.connected_at) {
             ins.last_seen =
                 Some(now - chrono::Duration::from_std(seen.elapsed()).unwrap_or_default());
         }
