@@ -566,28 +566,18 @@ fn estimate(i: &Item) -> usize {
 pub async fn inventory(store: &dyn Store, stream: &Stream) -> store::Result<Vec<Msg>> {
     let mut out = Vec::new();
     for kind in stream.kinds() {
-        let mut entries = Vec::new();
-        let mut q = stream.query(kind);
-        q.limit = Some(5_000);
-        loop {
-            let page = store.list(&q).await?;
-            for r in &page.items {
-                if stream.belongs(kind, &r.labels) {
-                    let key = (
-                        r.mesh.clone().unwrap_or_default(),
-                        stream.wire_name(&r.name).to_string(),
-                    );
-                    entries.push(Entry {
-                        key,
-                        hash: hash_of(r),
-                    });
-                }
-            }
-            match page.next {
-                Some(n) => q.after = Some(n),
-                None => break,
-            }
-        }
+        let entries: Vec<Entry> = store::list_all(store, stream.query(kind))
+            .await?
+            .iter()
+            .filter(|r| stream.belongs(kind, &r.labels))
+            .map(|r| Entry {
+                key: (
+                    r.mesh.clone().unwrap_or_default(),
+                    stream.wire_name(&r.name).to_string(),
+                ),
+                hash: hash_of(r),
+            })
+            .collect();
         let mut chunks: Vec<Vec<Entry>> = entries
             .chunks(INVENTORY_CHUNK)
             .map(<[Entry]>::to_vec)
@@ -612,20 +602,8 @@ pub async fn snapshot(store: &dyn Store, stream: &Stream) -> store::Result<(u64,
     let revision = store.revision().await?;
     let mut out = Vec::new();
     for kind in stream.kinds() {
-        let mut q = stream.query(kind);
-        q.limit = Some(5_000);
-        loop {
-            let page = store.list(&q).await?;
-            out.extend(
-                page.items
-                    .into_iter()
-                    .filter(|r| stream.belongs(kind, &r.labels)),
-            );
-            match page.next {
-                Some(n) => q.after = Some(n),
-                None => break,
-            }
-        }
+        let all = store::list_all(store, stream.query(kind)).await?;
+        out.extend(all.into_iter().filter(|r| stream.belongs(kind, &r.labels)));
     }
     Ok((revision, out))
 }

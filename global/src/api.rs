@@ -517,60 +517,43 @@ async fn get_in_mesh(
 async fn inspect_zones(Extract(state): Extract<State>) -> ApiResult<Json<Value>> {
     let now = chrono::Utc::now();
     let mut items = Vec::new();
-    let mut q = ListQuery::all(Kind::Zone);
-    q.limit = Some(MAX_PAGE);
-    loop {
-        let page = state.store.list(&q).await?;
-        for z in &page.items {
-            let insight = crate::kds::read_insight(&*state.store, &z.name)
-                .await?
-                .unwrap_or_default();
-            let mut resources = 0usize;
-            for kind in weft_core::kds::kinds(weft_core::kds::Direction::ZoneToGlobal) {
-                let mut rq = ListQuery::all(kind);
-                rq.selector = format!("{ZONE_LABEL}={}", z.name)
-                    .parse()
-                    .map_err(|e: String| ApiError::bad_request("zone", e))?;
-                rq.limit = Some(MAX_PAGE);
-                loop {
-                    let p = state.store.list(&rq).await?;
-                    resources += p.items.len();
-                    match p.next {
-                        Some(n) => rq.after = Some(n),
-                        None => break,
-                    }
-                }
-            }
-            let enabled = z
-                .spec
-                .get("enabled")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            let status = if !enabled {
-                "disabled"
-            } else if insight.online(now) {
-                "online"
-            } else {
-                "offline"
-            };
-            items.push(json!({
-                "name": z.name,
-                "enabled": enabled,
-                "status": status,
-                "lastSeen": insight.last_seen,
-                "connectedSince": insight.connected_since,
-                "version": insight.version,
-                "globalInstance": insight.global_instance,
-                "resources": resources,
-                "kinds": insight.kinds,
-                "lastNack": insight.last_nack,
-                "lastDisconnect": insight.last_disconnect,
-            }));
+    for z in store::list_all(&*state.store, ListQuery::all(Kind::Zone)).await? {
+        let insight = crate::kds::read_insight(&*state.store, &z.name)
+            .await?
+            .unwrap_or_default();
+        let mut resources = 0usize;
+        for kind in weft_core::kds::kinds(weft_core::kds::Direction::ZoneToGlobal) {
+            let mut q = ListQuery::all(kind);
+            q.selector = format!("{ZONE_LABEL}={}", z.name)
+                .parse()
+                .map_err(|e: String| ApiError::bad_request("zone", e))?;
+            resources += store::list_all(&*state.store, q).await?.len();
         }
-        match page.next {
-            Some(n) => q.after = Some(n),
-            None => break,
-        }
+        let enabled = z
+            .spec
+            .get("enabled")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let status = if !enabled {
+            "disabled"
+        } else if insight.online(now) {
+            "online"
+        } else {
+            "offline"
+        };
+        items.push(json!({
+            "name": z.name,
+            "enabled": enabled,
+            "status": status,
+            "lastSeen": insight.last_seen,
+            "connectedSince": insight.connected_since,
+            "version": insight.version,
+            "globalInstance": insight.global_instance,
+            "resources": resources,
+            "kinds": insight.kinds,
+            "lastNack": insight.last_nack,
+            "lastDisconnect": insight.last_disconnect,
+        }));
     }
     Ok(Json(json!({ "items": items })))
 }
@@ -579,17 +562,8 @@ async fn inspect_meshes(Extract(state): Extract<State>) -> ApiResult<Json<Value>
     let counts = state.store.counts().await?;
     let mut by_mesh = store::counts_by_mesh(&counts);
     // Every mesh appears, also an empty one.
-    let mut q = ListQuery::all(Kind::Mesh);
-    q.limit = Some(MAX_PAGE);
-    loop {
-        let page = state.store.list(&q).await?;
-        for m in &page.items {
-            by_mesh.entry(m.name.clone()).or_default();
-        }
-        match page.next {
-            Some(n) => q.after = Some(n),
-            None => break,
-        }
+    for m in store::list_all(&*state.store, ListQuery::all(Kind::Mesh)).await? {
+        by_mesh.entry(m.name).or_default();
     }
     let items: Vec<Value> = by_mesh
         .into_iter()

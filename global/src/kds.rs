@@ -432,40 +432,27 @@ fn bearer<T>(req: &Request<T>) -> String {
 /// Delete what zones that no longer exist owned. Runs on the leader only: on start and
 /// whenever a `Zone` is deleted (and every minute, to catch up after a failover).
 pub async fn cleanup_deleted_zones(store: &dyn Store) -> store::Result<usize> {
-    let mut zones = std::collections::HashSet::new();
-    let mut q = store::ListQuery::all(Kind::Zone);
-    q.limit = Some(1000);
-    loop {
-        let page = store.list(&q).await?;
-        zones.extend(page.items.into_iter().map(|z| z.name));
-        match page.next {
-            Some(n) => q.after = Some(n),
-            None => break,
-        }
-    }
+    let zones: std::collections::HashSet<String> =
+        store::list_all(store, store::ListQuery::all(Kind::Zone))
+            .await?
+            .into_iter()
+            .map(|z| z.name)
+            .collect();
     let mut removed = 0;
     for kind in weft_core::kds::kinds(Direction::ZoneToGlobal) {
         let mut q = store::ListQuery::all(kind);
         q.selector = weft_core::ZONE_LABEL.parse().expect("valid selector");
-        q.limit = Some(1000);
-        loop {
-            let page = store.list(&q).await?;
-            for r in &page.items {
-                let owner = r
-                    .labels
-                    .get(weft_core::ZONE_LABEL)
-                    .cloned()
-                    .unwrap_or_default();
-                if !zones.contains(&owner) {
-                    match store.delete(&r.key(), None).await {
-                        Ok(()) | Err(store::Error::NotFound(_)) => removed += 1,
-                        Err(e) => return Err(e),
-                    }
+        for r in store::list_all(store, q).await? {
+            let owner = r
+                .labels
+                .get(weft_core::ZONE_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            if !zones.contains(&owner) {
+                match store.delete(&r.key(), None).await {
+                    Ok(()) | Err(store::Error::NotFound(_)) => removed += 1,
+                    Err(e) => return Err(e),
                 }
-            }
-            match page.next {
-                Some(n) => q.after = Some(n),
-                None => break,
             }
         }
     }

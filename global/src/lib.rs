@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod openapi;
 pub mod pg;
+pub mod process;
 pub mod tokens;
 
 use std::sync::Arc;

@@ -219,6 +219,20 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
 }
 
+/// Every resource a query matches, read page by page (pages of `query.limit`, default 5,000).
+pub async fn list_all(store: &dyn Store, mut query: ListQuery) -> Result<Vec<Resource>> {
+    query.limit = Some(query.limit.unwrap_or(5_000));
+    let mut out = Vec::new();
+    loop {
+        let page = store.list(&query).await?;
+        out.extend(page.items);
+        match page.next {
+            Some(n) => query.after = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// Sum counts per mesh: `mesh -> kind -> count`, for `inspect meshes`.
 pub fn counts_by_mesh(counts: &[Count]) -> BTreeMap<String, BTreeMap<Kind, u64>> {
     let mut out: BTreeMap<String, BTreeMap<Kind, u64>> = BTreeMap::new();
