@@ -12,6 +12,7 @@
 //! not sent and deletes of things the receiver never had are skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -420,7 +421,7 @@ impl Sender {
             match (e.op, e.resource) {
                 (Op::Create | Op::Update, Some(r)) if self.stream.belongs(kind, &r.labels) => {
                     if known != Some(hash_of(&r)) {
-                        entry.0.push(r);
+                        entry.0.push(Arc::unwrap_or_clone(r));
                     }
                 }
                 _ => {

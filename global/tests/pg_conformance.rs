@@ -240,7 +240,7 @@ async fn apply_batch_naming_a_resource_twice() {
         events[0].resource.as_ref().unwrap().spec,
         mk_timeout("m", "a", &[], "1s").spec
     );
-    assert_eq!(events[2].resource.as_ref(), Some(&a));
+    assert_eq!(events[2].resource.as_deref(), Some(&a));
     assert_eq!(
         events[1].resource.as_ref().unwrap().mesh.as_deref(),
         Some("m")

@@ -498,7 +498,7 @@ fn nack_is_counted_and_other_kinds_go_on() {
         op: Op::Update,
         key: Key::new(Kind::MeshTimeout, Some("default"), "a"),
         version: 1,
-        resource: Some(timeout("default", "a", 1)),
+        resource: Some(Arc::new(timeout("default", "a", 1))),
     };
     let again = s.on_events(vec![ev]);
     assert_eq!(again.len(), 1);

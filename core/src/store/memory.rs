@@ -2,7 +2,7 @@
 //! every `apply` batch is atomic and revisions are in commit order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -16,7 +16,7 @@ use crate::resource::{Key, Resource};
 pub const DEFAULT_FEED_CAPACITY: usize = 200_000;
 
 /// Resources are indexed by kind, then (mesh, name), so a list is an ordered range scan.
-type Index = HashMap<Kind, BTreeMap<(String, String), Resource>>;
+type Index = HashMap<Kind, BTreeMap<(String, String), Arc<Resource>>>;
 
 struct State {
     resources: Index,
@@ -73,10 +73,17 @@ fn slot(key: &Key) -> (String, String) {
 
 impl State {
     fn get(&self, key: &Key) -> Option<&Resource> {
-        self.resources.get(&key.kind)?.get(&slot(key))
+        self.resources.get(&key.kind)?.get(&slot(key)).map(|r| &**r)
     }
 
-    fn record(&mut self, cap: usize, op: Op, key: Key, version: u64, resource: Option<Resource>) {
+    fn record(
+        &mut self,
+        cap: usize,
+        op: Op,
+        key: Key,
+        version: u64,
+        resource: Option<Arc<Resource>>,
+    ) {
         self.revision += 1;
         self.events.push_back(Event {
             revision: self.revision,
@@ -93,6 +100,7 @@ impl State {
     fn put(&mut self, cap: usize, r: Resource, op: Op) {
         let key = r.key();
         let version = r.meta.version;
+        let r = Arc::new(r);
         self.resources
             .entry(key.kind)
             .or_default()
@@ -100,7 +108,7 @@ impl State {
         self.record(cap, op, key, version, Some(r));
     }
 
-    fn remove(&mut self, cap: usize, key: &Key) -> Option<Resource> {
+    fn remove(&mut self, cap: usize, key: &Key) -> Option<Arc<Resource>> {
         let r = self.resources.get_mut(&key.kind)?.remove(&slot(key))?;
         self.record(cap, Op::Delete, key.clone(), r.meta.version, None);
         Some(r)
@@ -157,7 +165,7 @@ impl Store for Memory {
                 more = true;
                 break;
             }
-            items.push(r.clone());
+            items.push(Resource::clone(r));
         }
         let next = if more {
             items.last().map(super::page_token)
@@ -226,7 +234,7 @@ impl Store for Memory {
                     .values()
                     .flat_map(|m| m.values())
                     .filter(|r| r.mesh.as_deref() == Some(key.name.as_str()))
-                    .map(Resource::key)
+                    .map(|r| r.key())
                     .collect();
                 for k in inside {
                     st.remove(self.feed_capacity, &k);

@@ -132,8 +132,9 @@ pub struct Event {
     pub key: Key,
     /// The resource's version after the change (for a delete: the version deleted).
     pub version: u64,
-    /// The resource after the change; `None` for deletes.
-    pub resource: Option<Resource>,
+    /// The resource after the change; `None` for deletes. Shared with the store's own copy
+    /// where the backend keeps one (the memory store), so the feed costs no second copy.
+    pub resource: Option<std::sync::Arc<Resource>>,
 }
 
 /// What `apply` did to one resource.

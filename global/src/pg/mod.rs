@@ -377,7 +377,7 @@ fn decode_event(row: &PgRow) -> sqlx::Result<Event> {
         op,
         key,
         version,
-        resource,
+        resource: resource.map(std::sync::Arc::new),
     })
 }
 
@@ -601,7 +601,7 @@ fn event(revision: u64, op: Op, r: Resource) -> Event {
         op,
         key: r.key(),
         version: r.meta.version,
-        resource: Some(r),
+        resource: Some(std::sync::Arc::new(r)),
     }
 }
 
