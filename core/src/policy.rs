@@ -367,6 +367,25 @@ fn merge_route_rules(acc: &mut Option<Value>, rules: &[Value]) {
     }
 }
 
+/// A new `from` entry; a `MeshService` source by labels is resolved to service names.
+fn from_entry(e: &Entry, ctx: &Context<'_>) -> FromEntry {
+    let r = &e.target_ref;
+    let services = match (r.kind, &r.name, &r.labels) {
+        (TargetKind::MeshService, None, Some(labels)) => ctx
+            .services
+            .keys()
+            .filter(|s| ctx.service_labels(s, labels))
+            .map(|s| s.to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
+    FromEntry {
+        target_ref: r.clone(),
+        services,
+        conf: e.default.clone(),
+    }
+}
+
 fn is_route(kind: Kind) -> bool {
     matches!(kind, Kind::MeshHTTPRoute | Kind::MeshTCPRoute)
 }
@@ -397,8 +416,8 @@ pub fn resolve(dataplane: &Resource, resources: &[Resource]) -> Result<ProxyView
     for r in resources.iter().filter(|r| r.mesh == dataplane.mesh) {
         match r.kind {
             Kind::MeshService => {
-                let spec = validate::from_value("spec", r.spec.clone())
-                    .map_err(|e| invalid(r, e))?;
+                let spec =
+                    validate::from_value("spec", r.spec.clone()).map_err(|e| invalid(r, e))?;
                 ctx.services.insert(&r.name, (r, spec));
             }
             Kind::MeshExternalService => {
@@ -472,28 +491,14 @@ pub fn resolve(dataplane: &Resource, resources: &[Resource]) -> Result<ProxyView
                     merge_into(&mut rules, &rule.default);
                 }
                 for e in &p.policy.from {
-                    match from.iter_mut().find(|(_, _, f)| f.target_ref == e.target_ref) {
+                    match from
+                        .iter_mut()
+                        .find(|(_, _, f)| f.target_ref == e.target_ref)
+                    {
                         Some((_, _, f)) => merge(&mut f.conf, &e.default),
                         None => {
-                            let services = match (&e.target_ref.kind, &e.target_ref.name, &e.target_ref.labels) {
-                                (TargetKind::MeshService, None, Some(labels)) => ctx
-                                    .services
-                                    .keys()
-                                    .filter(|s| ctx.service_labels(s, labels))
-                                    .map(|s| s.to_string())
-                                    .collect(),
-                                _ => Vec::new(),
-                            };
                             let pos = from.len();
-                            from.push((
-                                e.target_ref.kind.specificity(),
-                                pos,
-                                FromEntry {
-                                    target_ref: e.target_ref.clone(),
-                                    services,
-                                    conf: e.default.clone(),
-                                },
-                            ));
+                            from.push((e.target_ref.kind.specificity(), pos, from_entry(e, &ctx)));
                         }
                     }
                 }
@@ -568,7 +573,10 @@ mod tests {
     #[test]
     fn merge_objects_by_key_and_replaces_the_rest() {
         let mut base = json!({"a": 1, "o": {"x": 1, "y": 2}, "l": [1, 2]});
-        merge(&mut base, &json!({"o": {"y": 3, "z": 4}, "l": [9], "b": true}));
+        merge(
+            &mut base,
+            &json!({"o": {"y": 3, "z": 4}, "l": [9], "b": true}),
+        );
         assert_eq!(
             base,
             json!({"a": 1, "o": {"x": 1, "y": 3, "z": 4}, "l": [9], "b": true})

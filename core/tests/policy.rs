@@ -613,3 +613,72 @@ fn output_is_deterministic_and_matches_the_snapshot() {
     assert_eq!(back, view);
     let _: Value = serde_json::from_str(SNAPSHOT).unwrap();
 }
+
+#[test]
+fn mesh_service_refs_by_labels_and_port_names_use_the_mesh_services() {
+    let view = resolve(
+        r#"
+type: MeshService
+name: backend
+mesh: default
+labels: {team: core}
+spec:
+  selector: {dataplaneTags: {weft.io/service: backend}}
+  ports: [{port: 80, targetPort: 18080, name: http}]
+---
+type: MeshService
+name: frontend
+mesh: default
+labels: {team: web}
+spec:
+  selector: {dataplaneTags: {weft.io/service: frontend}}
+  ports: [{port: 80}]
+---
+type: MeshService
+name: payments
+mesh: default
+labels: {team: money}
+spec:
+  selector: {dataplaneTags: {weft.io/service: payments}}
+  ports: [{port: 80}]
+---
+type: MeshTrafficPermission
+name: core-from-web
+mesh: default
+spec:
+  targetRef: {kind: MeshService, labels: {team: core}}
+  from:
+    - targetRef: {kind: MeshService, labels: {team: web}}
+      default: {action: Allow}
+---
+type: MeshTimeout
+name: http-port
+mesh: default
+spec:
+  targetRef: {kind: MeshService, name: backend, sectionName: http}
+  rules:
+    - default: {idleTimeout: 7m}
+  to:
+    - targetRef: {kind: MeshService, labels: {team: money}}
+      default: {connectionTimeout: 3s}
+"#,
+    );
+    let backend = inbound(&view, 18080);
+    assert_eq!(
+        backend.from[&Kind::MeshTrafficPermission][0].services,
+        ["frontend"]
+    );
+    assert_eq!(backend.allows("frontend", &tags(&[]), true), Action::Allow);
+    assert_eq!(backend.allows("web", &tags(&[]), true), Action::Deny);
+    assert_eq!(
+        backend.rules[&Kind::MeshTimeout],
+        json!({"idleTimeout": "7m"})
+    );
+    let grpc = inbound(&view, 19090);
+    assert!(grpc.from.is_empty() && grpc.rules.is_empty(), "{grpc:?}");
+    assert_eq!(
+        view.outbounds["payments"][&Kind::MeshTimeout],
+        json!({"connectionTimeout": "3s"})
+    );
+    assert!(view.outbounds["ledger"].is_empty());
+}
