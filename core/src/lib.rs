@@ -8,6 +8,7 @@
 pub mod document;
 pub mod kds;
 pub mod kind;
+pub mod pki;
 pub mod policy;
 pub mod resource;
 pub mod selector;
