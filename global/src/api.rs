@@ -108,6 +108,12 @@ pub struct State {
 }
 
 pub fn router(state: State) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with `extra` routes of the serving plane (e.g. the zone's `/_identity/meshes`),
+/// behind the same authentication: any token reads, the admin token writes.
+pub fn router_with(state: State, extra: Router<State>) -> Router {
     let openapi = Arc::new(crate::openapi::document(&state.plane));
     let mut api = Router::new()
         .route("/_apply", post(apply))
@@ -139,7 +145,9 @@ pub fn router(state: State) -> Router {
             }),
         );
     }
-    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let api = api
+        .merge(extra)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -418,6 +418,42 @@ impl pb::kds_server::Kds for Server {
             req.into_inner(),
         )))
     }
+
+    async fn sign_intermediate(
+        &self,
+        req: Request<pb::SignIntermediateRequest>,
+    ) -> Result<Response<pb::SignIntermediateResponse>, Status> {
+        let zone = self.admit(&req).await?;
+        let pb::SignIntermediateRequest { mesh, csr_pem } = req.into_inner();
+        let issued = crate::mesh_ca::sign_intermediate(&*self.store, &mesh, &zone, &csr_pem)
+            .await
+            .map_err(|e| {
+                tracing::warn!(%zone, %mesh, error = %e, "refused an intermediate CA");
+                intermediate_status(&zone, e)
+            })?;
+        let not_after: DateTime<Utc> = issued.not_after.into();
+        tracing::info!(%zone, %mesh, not_after = %not_after.to_rfc3339(), "issued an intermediate CA");
+        Ok(Response::new(pb::SignIntermediateResponse {
+            cert_pem: issued.cert_pem,
+            root_pem: issued.root_pem,
+            not_after_unix: not_after.timestamp(),
+        }))
+    }
+}
+
+/// Why an intermediate was not signed, as the status the zone sees.
+fn intermediate_status(zone: &str, e: crate::mesh_ca::Error) -> Status {
+    use crate::mesh_ca::Error as E;
+    use weft_core::pki::Error as P;
+    let msg = format!("zone {zone}: {e}");
+    match e {
+        E::NoMesh(_) => Status::not_found(msg),
+        E::NoMtls(_) | E::NotBuiltin { .. } => Status::failed_precondition(msg),
+        E::Pki(P::Refused { .. }) => Status::permission_denied(msg),
+        E::Pki(P::InvalidName { .. } | P::Malformed { .. }) => Status::invalid_argument(msg),
+        E::Store(store::Error::Backend(_)) => Status::unavailable(msg),
+        E::Pki(_) | E::BadSpec { .. } | E::BadStored { .. } | E::Store(_) => Status::internal(msg),
+    }
 }
 
 fn bearer<T>(req: &Request<T>) -> String {

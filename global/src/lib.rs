@@ -10,6 +10,7 @@ pub mod config;
 pub mod kds;
 pub mod kds_tls;
 pub mod leader;
+pub mod mesh_ca;
 pub mod metrics;
 pub mod openapi;
 pub mod pg;

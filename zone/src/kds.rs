@@ -72,16 +72,24 @@ pub struct Client {
     store: Arc<dyn Store>,
     instance: String,
     status: Arc<Status>,
+    identity: Arc<crate::identity::Identity>,
 }
 
 impl Client {
     pub fn new(cfg: Config, store: Arc<dyn Store>, instance: String) -> Client {
+        let identity = crate::identity::Identity::new(&cfg.zone);
         Client {
             cfg,
             store,
             instance,
             status: Arc::default(),
+            identity,
         }
+    }
+
+    /// The zone's intermediate CAs, obtained from global while connected.
+    pub fn identity(&self) -> Arc<crate::identity::Identity> {
+        self.identity.clone()
     }
 
     pub fn status(&self) -> Arc<Status> {
@@ -153,12 +161,20 @@ impl Client {
             Direction::GlobalToZone,
             cancel.clone(),
         );
-        let to_global = self.stream(client, &token, Direction::ZoneToGlobal, cancel.clone());
-        tokio::pin!(to_zone, to_global);
+        let to_global = self.stream(
+            client.clone(),
+            &token,
+            Direction::ZoneToGlobal,
+            cancel.clone(),
+        );
+        // While connected, obtain and renew the intermediate CAs of meshes with mTLS.
+        let identity = self.identity.run(self.store.clone(), client, token.clone());
+        tokio::pin!(to_zone, to_global, identity);
         // Whichever stream ends first ends the session; the other is cancelled.
         let first = tokio::select! {
             r = &mut to_zone => ("global-to-zone", r),
             r = &mut to_global => ("zone-to-global", r),
+            () = &mut identity => unreachable!("the identity loop runs until dropped"),
         };
         cancel.cancel();
         let (name, r) = first;
@@ -378,7 +394,7 @@ impl ServerCertVerifier for Pinned {
 }
 
 /// Open a gRPC channel to global over our own TLS connector.
-async fn connect(address: &str, trust: &Trust) -> anyhow::Result<Channel> {
+pub async fn connect(address: &str, trust: &Trust) -> anyhow::Result<Channel> {
     let (host, port) = host_port(address)?;
     let tls = Arc::new(tls_config(trust)?);
     let server_name = ServerName::try_from(host.clone())

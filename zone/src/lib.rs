@@ -8,6 +8,7 @@
 //! store and listener the caller made, so tests serve a zone on `127.0.0.1:0`.
 
 pub mod config;
+pub mod identity;
 pub mod kds;
 
 use std::sync::Arc;
@@ -53,17 +54,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             );
             tracing::info!(zone = %cfg.zone, global = %global.address, "joining global");
             let status = client.status();
+            let identity = client.identity();
             let task = tokio::spawn(
                 client
                     .run(shutdown.clone())
                     .instrument(tracing::info_span!("kds", zone = %cfg.zone)),
             );
-            Some((status, task))
+            Some((status, identity, task))
         }
     };
-    let status = link.as_ref().map(|(s, _)| s.clone());
-    let result = serve_linked(cfg, store, listener, shutdown, status).await;
-    if let Some((_, task)) = link {
+    let (status, identity) = match &link {
+        Some((s, i, _)) => (Some(s.clone()), i.clone()),
+        None => (None, identity::Identity::new(&cfg.zone)),
+    };
+    let result = serve_linked(cfg, store, listener, shutdown, status, identity).await;
+    if let Some((_, _, task)) = link {
         task.abort();
     }
     result
@@ -80,18 +85,21 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_linked(cfg, store, listener, shutdown, None).await
+    let identity = identity::Identity::new(&cfg.zone);
+    serve_linked(cfg, store, listener, shutdown, None, identity).await
 }
 
 /// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
 /// in-flight requests. The admin and read-only API tokens are made on the first start against
-/// `store` and written to `cfg.data_dir`. With `link`, `/metrics` reports the KDS link.
+/// `store` and written to `cfg.data_dir`. With `link`, `/metrics` reports the KDS link;
+/// `/_identity/meshes` shows the public half of `identity`'s intermediate CAs.
 pub async fn serve_linked(
     cfg: Config,
     store: Arc<dyn Store>,
     listener: TcpListener,
     shutdown: CancellationToken,
     link: Option<Arc<kds::Status>>,
+    identity: Arc<identity::Identity>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     if let Some(status) = link {
@@ -118,7 +126,7 @@ pub async fn serve_linked(
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, zone = %cfg.zone, "weft-zone API listening");
-    axum::serve(listener, api::router(state))
+    axum::serve(listener, api::router_with(state, identity::routes(identity)))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     refresh.abort();
