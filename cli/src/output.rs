@@ -91,7 +91,7 @@ pub fn json(v: &Value) -> String {
 /// Multi-document YAML (`---`-separated) for the given documents.
 pub fn yaml_docs(docs: &[Value]) -> String {
     docs.iter()
-        .map(weft_core::document::value_to_yaml)
+        .map(weft_core::document::document_to_yaml)
         .collect::<Vec<_>>()
         .join("---\n")
 }

@@ -233,9 +233,24 @@ pub fn to_yaml(resources: &[Resource]) -> String {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&value_to_yaml(&to_value(r)));
+        out.push_str(&document_to_yaml(&to_value(r)));
     }
     out
+}
+
+/// A document as YAML with its fields in the order users know (`type`, `name`, `mesh`,
+/// `labels`, ..., `spec`) rather than alphabetically; other values as they are.
+pub fn document_to_yaml(v: &Value) -> String {
+    match serde_json::from_value::<Doc>(v.clone()) {
+        Ok(doc) => {
+            let mut s = serde_saphyr::to_string(&doc).expect("documents serialize to YAML");
+            if !s.ends_with('\n') {
+                s.push('\n');
+            }
+            s
+        }
+        Err(_) => value_to_yaml(v),
+    }
 }
 
 /// One value as YAML text.
@@ -372,5 +387,22 @@ mod large_inputs {
             bomb.push_str(&format!("{cur}: &{cur} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
         }
         assert!(super::yaml_values(&bomb).is_err());
+    }
+}
+
+#[cfg(test)]
+mod field_order {
+    #[test]
+    fn yaml_lists_type_and_name_first() {
+        let r = super::parse("type: Zone\nname: east\nlabels: {team: a}\nspec: {enabled: true}\n")
+            .unwrap();
+        let y = super::to_yaml(&r);
+        let keys: Vec<&str> = y
+            .lines()
+            .filter(|l| !l.starts_with(' '))
+            .map(|l| l.split(':').next().unwrap())
+            .collect();
+        assert_eq!(keys, ["type", "name", "labels", "spec"], "{y}");
+        assert_eq!(super::parse(&y).unwrap(), r);
     }
 }
