@@ -192,6 +192,33 @@ mod tests {
         assert!(store.system_get(&key("m", "ca-1")).await.unwrap().is_some());
     }
 
+    /// Two replicas on one PostgreSQL database, racing to make the same root: both use the
+    /// one stored first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_postgres_agree() {
+        let a = crate::pg::testing::TestStore::create().await.unwrap();
+        let b: Arc<dyn Store> = Arc::new(
+            a.db()
+                .store(tokio_util::sync::CancellationToken::new())
+                .await
+                .unwrap(),
+        );
+        let a: Arc<dyn Store> = Arc::new(a);
+        for round in 0..5 {
+            let mesh = format!("m{round}");
+            let spawn = |store: Arc<dyn Store>, mesh: String| {
+                tokio::spawn(async move { ensure(&*store, &mesh, "ca-1").await.unwrap() })
+            };
+            let (ra, rb) = (
+                spawn(a.clone(), mesh.clone()),
+                spawn(b.clone(), mesh.clone()),
+            );
+            let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
+            assert_eq!(ra.cert_pem(), rb.cert_pem(), "{mesh}");
+            assert_eq!(ra.key_pem(), rb.key_pem(), "{mesh}");
+        }
+    }
+
     #[tokio::test]
     async fn signs_for_the_authenticated_zone_only() {
         let store = Memory::new();
@@ -199,8 +226,8 @@ mod tests {
         let zone_key = pki::new_key().unwrap();
         let csr = pki::intermediate_csr("m", "east", &zone_key).unwrap();
         let issued = sign_intermediate(&store, "m", "east", &csr).await.unwrap();
-        let ca = pki::IntermediateCa::from_pem(&issued.cert_pem, &zone_key, &issued.root_pem)
-            .unwrap();
+        let ca =
+            pki::IntermediateCa::from_pem(&issued.cert_pem, &zone_key, &issued.root_pem).unwrap();
         assert_eq!((ca.mesh(), ca.zone()), ("m", "east"));
         // Zone west presenting east's CSR is refused.
         let e = sign_intermediate(&store, "m", "west", &csr)
@@ -229,6 +256,12 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::NoMesh(_)), "{e}");
         // Nothing was made for them.
-        assert!(store.system_get(&key("plain", "ca-1")).await.unwrap().is_none());
+        assert!(
+            store
+                .system_get(&key("plain", "ca-1"))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -219,7 +219,8 @@ pub async fn sign(
         mesh: mesh.to_string(),
         csr_pem: csr_pem.to_string(),
     });
-    let bad = |what: &str| tonic::Status::invalid_argument(format!("{what} is not valid header text"));
+    let bad =
+        |what: &str| tonic::Status::invalid_argument(format!("{what} is not valid header text"));
     req.metadata_mut().insert(
         "authorization",
         format!("Bearer {token}")

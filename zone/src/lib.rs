@@ -126,9 +126,12 @@ pub async fn serve_linked(
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, zone = %cfg.zone, "weft-zone API listening");
-    axum::serve(listener, api::router_with(state, identity::routes(identity)))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(
+        listener,
+        api::router_with(state, identity::routes(identity)),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await?;
     refresh.abort();
     tracing::info!(zone = %cfg.zone, "weft-zone stopped");
     Ok(())
