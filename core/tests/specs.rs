@@ -215,8 +215,9 @@ name: egress
 spec:
   networking: {address: "0:0:0:0:0:0:0:1", port: 10002}
 "#;
-    let expected = r#"mesh: default
+    let expected = r#"type: MeshFaultInjection
 name: chaos
+mesh: default
 spec:
   from:
   - default:
@@ -231,10 +232,10 @@ spec:
       kind: Mesh
   targetRef:
     kind: Mesh
-type: MeshFaultInjection
 ---
-mesh: default
+type: MeshRetry
 name: retries
+mesh: default
 spec:
   targetRef:
     kind: Mesh
@@ -247,14 +248,13 @@ spec:
         - 5xx
     targetRef:
       kind: Mesh
-type: MeshRetry
 ---
+type: ZoneEgress
 name: egress
 spec:
   networking:
     address: "::1"
     port: 10002
-type: ZoneEgress
 "#;
     let rs = parse(input).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(to_yaml(&rs), expected);
