@@ -173,10 +173,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn creation_is_idempotent_and_replicas_agree() {
+    async fn creation_is_idempotent() {
         let store: Arc<dyn Store> = Arc::new(Memory::new());
         mk_mesh(&*store, "m", builtin()).await;
-        // Several "replicas" at once: all get the same root.
+        // Several callers at once: all get the same root.
         let roots = futures::future::join_all((0..4).map(|_| {
             let store = store.clone();
             async move { root_of(&*store, "m").await.unwrap() }
