@@ -1,5 +1,6 @@
-//! `weftctl generate zone-token` and `weftctl revoke zone-token`: zone tokens through
-//! `POST /_tokens/zone` and `POST /_tokens/revoke` (docs/tokens.md).
+//! `weftctl generate zone-token|dataplane-token` and `weftctl revoke zone-token|dataplane-token`:
+//! tokens through `POST /_tokens/zone`, `POST /_tokens/dataplane` and `POST /_tokens/revoke`
+//! (docs/tokens.md).
 
 use anyhow::{Context as _, Result, bail};
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
@@ -14,6 +15,10 @@ pub enum Generate {
     /// global. Prints only the token, so `> token` saves it.
     #[command(name = "zone-token")]
     ZoneToken(GenerateArgs),
+    /// Issue a token one proxy (a dataplane of a mesh, serving a service) presents to its
+    /// zone. Prints only the token.
+    #[command(name = "dataplane-token")]
+    DataplaneToken(DataplaneArgs),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -21,6 +26,25 @@ pub enum Revoke {
     /// Revoke a zone token: global refuses it from then on.
     #[command(name = "zone-token")]
     ZoneToken(RevokeArgs),
+    /// Revoke a dataplane token: zones refuse it once they hear from global (within ~10s).
+    #[command(name = "dataplane-token")]
+    DataplaneToken(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DataplaneArgs {
+    /// The mesh the dataplane belongs to.
+    #[arg(long, value_name = "MESH")]
+    pub mesh: String,
+    /// The dataplane's name.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// The service the proxy serves.
+    #[arg(long, value_name = "SERVICE")]
+    pub service: String,
+    /// How long the token is valid, e.g. 24h, 30m.
+    #[arg(long, default_value = "720h", value_name = "DURATION", value_parser = parse_valid_for)]
+    pub valid_for: weft_core::validate::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,7 +83,10 @@ fn parse_valid_for(s: &str) -> Result<weft_core::validate::Duration, String> {
 }
 
 pub async fn generate(client: &Client, command: &Generate) -> Result<String> {
-    let Generate::ZoneToken(args) = command;
+    let args = match command {
+        Generate::ZoneToken(args) => args,
+        Generate::DataplaneToken(args) => return generate_dataplane(client, args).await,
+    };
     if let Err(m) = weft_core::validate::check_dns_label(&args.zone) {
         bail!("--zone: {m}");
     }
@@ -84,26 +111,56 @@ pub async fn generate(client: &Client, command: &Generate) -> Result<String> {
     Ok(format!("{tok}\n"))
 }
 
+async fn generate_dataplane(client: &Client, args: &DataplaneArgs) -> Result<String> {
+    for (flag, value) in [("--mesh", &args.mesh), ("--name", &args.name)] {
+        if let Err(m) = weft_core::validate::check_dns_label(value) {
+            bail!("{flag}: {m}");
+        }
+    }
+    if let Err(m) = token::check_service(&args.service) {
+        bail!("--service: {m}");
+    }
+    let resp = client
+        .post(
+            &["_tokens", "dataplane"],
+            &[],
+            &json!({"mesh": args.mesh, "name": args.name, "service": args.service, "validFor": args.valid_for.to_string()}),
+        )
+        .await?;
+    let field = |name: &str| {
+        resp.get(name)
+            .and_then(Value::as_str)
+            .with_context(|| format!("unexpected answer from /_tokens/dataplane: no {name}"))
+    };
+    let (tok, id, expires) = (field("token")?, field("id")?, field("expiresAt")?);
+    eprintln!(
+        "dataplane token {id} for dataplane {:?} of mesh {:?} (service {:?}), expires at {expires}; revoke it with `weftctl revoke dataplane-token {id}`",
+        args.name, args.mesh, args.service
+    );
+    Ok(format!("{tok}\n"))
+}
+
 pub async fn revoke(client: &Client, command: &Revoke) -> Result<String> {
-    let Revoke::ZoneToken(args) = command;
+    let (kind, args) = match command {
+        Revoke::ZoneToken(args) => ("zone", args),
+        Revoke::DataplaneToken(args) => ("dataplane", args),
+    };
     let id = token_id(&args.id)?;
     client
         .post(&["_tokens", "revoke"], &[], &json!({ "id": id }))
         .await?;
-    Ok(format!("revoked zone token {id}\n"))
+    Ok(format!("revoked {kind} token {id}\n"))
 }
 
 /// The id of `arg`: an id as it is, or the id inside a token.
 fn token_id(arg: &str) -> Result<String> {
     let arg = arg.trim();
     if arg.contains('.') {
-        let claims =
-            token::inspect(arg).context("ID looks like a token but does not read as one")?;
-        return Ok(claims.jti);
+        return token::inspect_id(arg).context("ID looks like a token but does not read as one");
     }
     if !token::is_id(arg) {
         bail!(
-            "invalid zone token id {arg:?} (expected the 32 hex digits printed by `weftctl generate zone-token`, or the token itself)"
+            "invalid token id {arg:?} (expected the 32 hex digits printed by `weftctl generate zone-token` or `dataplane-token`, or the token itself)"
         );
     }
     Ok(arg.to_string())
@@ -197,5 +254,56 @@ mod tests {
                 .contains("32 hex digits")
         );
         assert!(token_id("a.b.c").is_err());
+        let (t, claims) = key
+            .issue_dataplane(
+                "default",
+                "web-1",
+                "web",
+                Duration::from_secs(60),
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(token_id(&t).unwrap(), claims.jti);
+    }
+
+    #[test]
+    fn generate_dataplane_token_flags() {
+        let cli = parse(&[
+            "generate",
+            "dataplane-token",
+            "--mesh",
+            "default",
+            "--name",
+            "web-1",
+            "--service",
+            "web",
+            "--valid-for",
+            "24h",
+        ])
+        .unwrap();
+        let Command::Generate {
+            command: Generate::DataplaneToken(a),
+        } = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(
+            (
+                a.mesh.as_str(),
+                a.name.as_str(),
+                a.service.as_str(),
+                a.valid_for.to_string()
+            ),
+            ("default", "web-1", "web", "24h".to_string())
+        );
+        assert!(parse(&["generate", "dataplane-token", "--mesh", "m", "--name", "n"]).is_err());
+        assert!(
+            parse(&[
+                "revoke",
+                "dataplane-token",
+                "0123456789abcdef0123456789abcdef"
+            ])
+            .is_ok()
+        );
     }
 }

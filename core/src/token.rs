@@ -1,8 +1,11 @@
-//! Zone tokens: Ed25519-signed JWTs (compact JWS) that global issues to a zone control plane,
-//! ingress or egress and checks when it connects over KDS.
+//! Zone and dataplane tokens: Ed25519-signed JWTs (compact JWS) that global issues. A zone
+//! token lets a zone control plane, ingress or egress connect over KDS; a dataplane token
+//! lets one proxy (a dataplane name, in a mesh, for a service) connect to its zone.
 //!
 //! A token is `base64url(header).base64url(claims).base64url(signature)` without padding; the
-//! header is `{"alg":"EdDSA","typ":"JWT","kid":"<key id>"}` and the claims are [`Claims`].
+//! header is `{"alg":"EdDSA","typ":"JWT","kid":"<key id>"}` and the claims are [`Claims`]
+//! (zone tokens) or [`DataplaneClaims`] (dataplane tokens, `scope: "dataplane"`). Both claim
+//! sets refuse unknown fields, so neither kind of token reads as the other.
 //! Pure: the only I/O is the OS random source when a key or a token id is made. Revocation
 //! is the caller's job: [`verify`] returns the claims and the caller checks `claims.jti`
 //! against its list.
@@ -54,6 +57,42 @@ pub enum Error {
     /// A signing or verifying key that cannot be used.
     #[error("invalid zone token key: {0}")]
     Key(String),
+    /// Not a dataplane token (a zone token, or parts that do not decode).
+    #[error("malformed dataplane token: {0}")]
+    DataplaneMalformed(String),
+    /// A dataplane token signed by a key this control plane does not know.
+    #[error(
+        "dataplane token signed by unknown key {kid:?} (issued by another global control plane, or before its signing key was replaced): issue a new one with `weftctl generate dataplane-token`"
+    )]
+    DataplaneUnknownKey { kid: String },
+    #[error(
+        "dataplane token for {name:?} in mesh {mesh:?}: bad signature (the token was altered or forged)"
+    )]
+    DataplaneBadSignature { name: String, mesh: String },
+    #[error("dataplane token for {name:?} in mesh {mesh:?}: expired at {} (issue a new one with `weftctl generate dataplane-token --mesh {mesh} --name {name} --service SERVICE`)", rfc3339(*exp))]
+    DataplaneExpired {
+        name: String,
+        mesh: String,
+        exp: u64,
+    },
+    /// Valid, but for another mesh, dataplane or service than the proxy presents.
+    #[error(
+        "dataplane token for {name:?} in mesh {mesh:?}: issued for {what} {issued:?}, not {presented:?}"
+    )]
+    DataplaneMismatch {
+        name: String,
+        mesh: String,
+        /// `mesh`, `dataplane` or `service`.
+        what: &'static str,
+        issued: String,
+        presented: String,
+    },
+    /// A mesh, name or service a dataplane token cannot be issued for.
+    #[error("dataplane token: {field}: {message}")]
+    DataplaneField {
+        field: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -122,6 +161,51 @@ impl Claims {
     pub fn expires_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.exp)
     }
+}
+
+/// The `scope` of a dataplane token: always `"dataplane"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneScope {
+    Dataplane,
+}
+
+/// The claims of a dataplane token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneClaims {
+    /// The dataplane's name.
+    pub sub: String,
+    pub mesh: String,
+    /// The service the proxy may serve (its `kuma.io/service`-style tag).
+    pub service: String,
+    pub scope: DataplaneScope,
+    /// Issued at, unix seconds.
+    pub iat: u64,
+    /// Expires at, unix seconds: the token is refused from this second on.
+    pub exp: u64,
+    /// The token id (16 random bytes, hex): what revocation names; zone and dataplane
+    /// tokens share one revocation log.
+    pub jti: String,
+}
+
+impl DataplaneClaims {
+    pub fn name(&self) -> &str {
+        &self.sub
+    }
+}
+
+/// Check a service name: printable ASCII without spaces, at most 253 characters.
+pub fn check_service(service: &str) -> Result<(), String> {
+    if service.is_empty() {
+        return Err("must not be empty (expected the service name, e.g. backend)".into());
+    }
+    if service.len() > 253 || !service.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "invalid service {service:?} (expected printable ASCII without spaces, at most 253 characters, e.g. backend)"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,6 +288,40 @@ impl SigningKey {
             exp: iat.saturating_add(valid_for.as_secs()),
             jti: new_id(),
         };
+        Ok((self.sign(&claims), claims))
+    }
+
+    /// Sign a dataplane token for dataplane `name` of `mesh` serving `service`, valid from
+    /// `now` for `valid_for` (whole seconds).
+    pub fn issue_dataplane(
+        &self,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        valid_for: Duration,
+        now: SystemTime,
+    ) -> Result<(String, DataplaneClaims)> {
+        let field = |field, message| Error::DataplaneField { field, message };
+        check_dns_label(mesh).map_err(|m| field("mesh", m))?;
+        check_dns_label(name).map_err(|m| field("name", m))?;
+        check_service(service).map_err(|m| field("service", m))?;
+        if valid_for.as_secs() == 0 {
+            return Err(Error::Validity(valid_for));
+        }
+        let iat = unix(now);
+        let claims = DataplaneClaims {
+            sub: name.to_string(),
+            mesh: mesh.to_string(),
+            service: service.to_string(),
+            scope: DataplaneScope::Dataplane,
+            iat,
+            exp: iat.saturating_add(valid_for.as_secs()),
+            jti: new_id(),
+        };
+        Ok((self.sign(&claims), claims))
+    }
+
+    fn sign<C: Serialize>(&self, claims: &C) -> String {
         let header = Header {
             alg: ALG.to_string(),
             typ: Some("JWT".to_string()),
@@ -212,11 +330,11 @@ impl SigningKey {
         let mut token = String::new();
         B64.encode_string(json(&header), &mut token);
         token.push('.');
-        B64.encode_string(json(&claims), &mut token);
+        B64.encode_string(json(claims), &mut token);
         let signature = self.pair.sign(token.as_bytes());
         token.push('.');
         B64.encode_string(signature.as_ref(), &mut token);
-        Ok((token, claims))
+        token
     }
 }
 
@@ -260,7 +378,7 @@ impl VerifyingKey {
 /// Check a token: its structure, algorithm, key, signature, expiry (`exp <= now` is expired)
 /// and zone name. Returns the claims; the caller checks revocation.
 pub fn verify(token: &str, keys: &[VerifyingKey], now: SystemTime) -> Result<Claims> {
-    let (header, claims, signed, signature) = split(token)?;
+    let (header, claims, signed, signature) = split::<Claims>(token)?;
     if header.alg != ALG {
         return Err(Error::Algorithm(header.alg));
     }
@@ -286,6 +404,74 @@ pub fn verify(token: &str, keys: &[VerifyingKey], now: SystemTime) -> Result<Cla
     Ok(claims)
 }
 
+/// Check a dataplane token that a proxy presents as dataplane `name` of `mesh` serving
+/// `service`: its structure, algorithm, key, signature, expiry, and that it was issued for
+/// exactly that mesh, dataplane and service. Returns the claims; the caller checks revocation.
+pub fn verify_dataplane(
+    token: &str,
+    keys: &[VerifyingKey],
+    now: SystemTime,
+    mesh: &str,
+    name: &str,
+    service: &str,
+) -> Result<DataplaneClaims> {
+    let (header, claims, signed, signature) =
+        split::<DataplaneClaims>(token).map_err(|e| match e {
+            Error::Malformed(m) => Error::DataplaneMalformed(m),
+            other => other,
+        })?;
+    if header.alg != ALG {
+        return Err(Error::Algorithm(header.alg));
+    }
+    let kid = header
+        .kid
+        .ok_or_else(|| Error::DataplaneMalformed("the header has no kid".into()))?;
+    let key = keys
+        .iter()
+        .find(|k| k.key_id() == kid)
+        .ok_or(Error::DataplaneUnknownKey { kid })?;
+    UnparsedPublicKey::new(&ED25519, key.as_bytes())
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| Error::DataplaneBadSignature {
+            name: claims.sub.clone(),
+            mesh: claims.mesh.clone(),
+        })?;
+    if claims.exp <= unix(now) {
+        return Err(Error::DataplaneExpired {
+            name: claims.sub,
+            mesh: claims.mesh,
+            exp: claims.exp,
+        });
+    }
+    for (what, issued, presented) in [
+        ("mesh", &claims.mesh, mesh),
+        ("dataplane", &claims.sub, name),
+        ("service", &claims.service, service),
+    ] {
+        if issued != presented {
+            return Err(Error::DataplaneMismatch {
+                name: claims.sub.clone(),
+                mesh: claims.mesh.clone(),
+                what,
+                issued: issued.clone(),
+                presented: presented.to_string(),
+            });
+        }
+    }
+    Ok(claims)
+}
+
+/// The token id of a zone or dataplane token, reading **only its structure** (for revoking
+/// a token given whole).
+pub fn inspect_id(token: &str) -> Result<String> {
+    match split::<Claims>(token) {
+        Ok((_, c, _, _)) => Ok(c.jti),
+        Err(zone) => split::<DataplaneClaims>(token)
+            .map(|(_, c, _, _)| c.jti)
+            .map_err(|_| zone),
+    }
+}
+
 /// Read a token's claims **without checking anything but its structure**: for showing a
 /// token's id, zone and expiry, never for deciding whether to trust it.
 pub fn inspect(token: &str) -> Result<Claims> {
@@ -293,7 +479,7 @@ pub fn inspect(token: &str) -> Result<Claims> {
 }
 
 /// Header, claims, the signed text and the signature bytes.
-fn split(token: &str) -> Result<(Header, Claims, &str, Vec<u8>)> {
+fn split<C: serde::de::DeserializeOwned>(token: &str) -> Result<(Header, C, &str, Vec<u8>)> {
     let token = token.trim();
     if token.len() > MAX_LEN {
         return Err(Error::Malformed(format!(
@@ -315,7 +501,7 @@ fn split(token: &str) -> Result<(Header, Claims, &str, Vec<u8>)> {
     };
     let header: Header = serde_json::from_slice(&decode("header", h)?)
         .map_err(|e| Error::Malformed(format!("header: {e}")))?;
-    let claims: Claims = serde_json::from_slice(&decode("claims", c)?)
+    let claims: C = serde_json::from_slice(&decode("claims", c)?)
         .map_err(|e| Error::Malformed(format!("claims: {e}")))?;
     let signature = decode("signature", s)?;
     let signed = &token[..h.len() + 1 + c.len()];
@@ -447,5 +633,136 @@ mod tests {
             "mesh".parse::<Scope>().unwrap_err(),
             "invalid scope \"mesh\" (expected zone, ingress or egress)"
         );
+    }
+
+    #[test]
+    fn dataplane_tokens_check_mesh_name_service_and_expiry() {
+        let key = SigningKey::generate();
+        let keys = [key.public()];
+        let (token, claims) = key
+            .issue_dataplane(
+                "default",
+                "web-1",
+                "backend",
+                Duration::from_secs(60),
+                at(T0),
+            )
+            .unwrap();
+        assert_eq!(
+            (claims.name(), claims.mesh.as_str(), claims.service.as_str()),
+            ("web-1", "default", "backend")
+        );
+        assert_eq!(
+            (claims.scope, claims.iat, claims.exp),
+            (DataplaneScope::Dataplane, T0, T0 + 60)
+        );
+        assert!(is_id(&claims.jti));
+        let ok = verify_dataplane(&token, &keys, at(T0 + 59), "default", "web-1", "backend");
+        assert_eq!(ok.unwrap(), claims);
+        assert_eq!(inspect_id(&token).unwrap(), claims.jti);
+        let check = |mesh, name, service| {
+            verify_dataplane(&token, &keys, at(T0), mesh, name, service)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            check("default", "web-1", "frontend"),
+            r#"dataplane token for "web-1" in mesh "default": issued for service "backend", not "frontend""#
+        );
+        assert_eq!(
+            check("other", "web-1", "backend"),
+            r#"dataplane token for "web-1" in mesh "default": issued for mesh "default", not "other""#
+        );
+        assert_eq!(
+            check("default", "web-2", "backend"),
+            r#"dataplane token for "web-1" in mesh "default": issued for dataplane "web-1", not "web-2""#
+        );
+        let err = verify_dataplane(&token, &keys, at(T0 + 60), "default", "web-1", "backend")
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::DataplaneExpired { exp, .. } if exp == T0 + 60),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("expired at 2027-01-15T08:01:00Z"),
+            "{err}"
+        );
+        // Another global's key.
+        let other = [SigningKey::generate().public()];
+        assert!(matches!(
+            verify_dataplane(&token, &other, at(T0), "default", "web-1", "backend"),
+            Err(Error::DataplaneUnknownKey { .. })
+        ));
+        // Altered claims.
+        let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&B64.decode(&parts[1]).unwrap()).unwrap();
+        c["service"] = "frontend".into();
+        parts[1] = B64.encode(serde_json::to_vec(&c).unwrap());
+        assert!(matches!(
+            verify_dataplane(
+                &parts.join("."),
+                &keys,
+                at(T0),
+                "default",
+                "web-1",
+                "frontend"
+            ),
+            Err(Error::DataplaneBadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn zone_and_dataplane_tokens_do_not_pass_for_each_other() {
+        let key = SigningKey::generate();
+        let keys = [key.public()];
+        let (zone, zc) = key
+            .issue("east", Scope::Zone, Duration::from_secs(60), at(T0))
+            .unwrap();
+        let (dp, _) = key
+            .issue_dataplane("default", "east", "east", Duration::from_secs(60), at(T0))
+            .unwrap();
+        assert!(matches!(
+            verify(&dp, &keys, at(T0)),
+            Err(Error::Malformed(_))
+        ));
+        let err = verify_dataplane(&zone, &keys, at(T0), "default", "east", "east").unwrap_err();
+        assert!(
+            err.to_string().starts_with("malformed dataplane token: "),
+            "{err}"
+        );
+        assert_eq!(inspect_id(&zone).unwrap(), zc.jti);
+    }
+
+    #[test]
+    fn dataplane_tokens_refuse_bad_fields() {
+        let key = SigningKey::generate();
+        let issue = |mesh, name, service| {
+            key.issue_dataplane(mesh, name, service, Duration::from_secs(60), at(T0))
+                .unwrap_err()
+        };
+        assert!(matches!(
+            issue("Default", "web", "s"),
+            Error::DataplaneField { field: "mesh", .. }
+        ));
+        assert!(matches!(
+            issue("default", "", "s"),
+            Error::DataplaneField { field: "name", .. }
+        ));
+        let e = issue("default", "web", "a b");
+        assert!(
+            matches!(
+                e,
+                Error::DataplaneField {
+                    field: "service",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(matches!(
+            key.issue_dataplane("default", "web", "s", Duration::ZERO, at(T0)),
+            Err(Error::Validity(_))
+        ));
     }
 }

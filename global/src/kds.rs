@@ -439,6 +439,26 @@ impl pb::kds_server::Kds for Server {
             not_after_unix: not_after.timestamp(),
         }))
     }
+
+    async fn get_trust(
+        &self,
+        req: Request<pb::GetTrustRequest>,
+    ) -> Result<Response<pb::GetTrustResponse>, Status> {
+        let zone = self.admit(&req).await?;
+        let revoked = self.tokens.revoked().await.map_err(|e| {
+            tracing::warn!(%zone, error = %e, "cannot read the token revocation log");
+            Status::unavailable(format!("zone {zone}: {e}"))
+        })?;
+        Ok(Response::new(pb::GetTrustResponse {
+            token_keys: self
+                .tokens
+                .verifying_keys()
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect(),
+            revoked_ids: revoked.into_iter().map(|r| r.jti).collect(),
+        }))
+    }
 }
 
 /// Why an intermediate was not signed, as the status the zone sees.

@@ -163,12 +163,17 @@ pub fn document(plane: &Plane) -> Value {
             token_op("Issue a zone token: {zone, scope: zone|ingress|egress, validFor: 720h}");
         issue["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string"}, "scope": {"type": "string", "enum": ["zone", "ingress", "egress"]}, "validFor": {"type": "string"}}}}}});
         paths.insert("/_tokens/zone".into(), json!({"post": issue}));
-        let mut revoke = token_op("Revoke a zone token by id");
+        let mut dataplane = token_op(
+            "Issue a dataplane token: {mesh, name, service, validFor: 720h}; the mesh must exist",
+        );
+        dataplane["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["mesh", "name", "service"], "properties": {"mesh": {"type": "string"}, "name": {"type": "string"}, "service": {"type": "string"}, "validFor": {"type": "string"}}}}}});
+        paths.insert("/_tokens/dataplane".into(), json!({"post": dataplane}));
+        let mut revoke = token_op("Revoke a zone or dataplane token by id");
         revoke["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}}}});
         paths.insert("/_tokens/revoke".into(), json!({"post": revoke}));
         paths.insert(
             "/_tokens/revoked".into(),
-            json!({"get": token_op("List revoked zone token ids")}),
+            json!({"get": token_op("List revoked token ids (zone and dataplane)")}),
         );
     }
     for (p, what) in [

@@ -170,6 +170,21 @@ impl Tokens {
         Ok((token, claims))
     }
 
+    /// Issue a dataplane token for dataplane `name` of `mesh` serving `service`.
+    pub fn issue_dataplane(
+        &self,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        valid_for: Duration,
+    ) -> Result<(String, token::DataplaneClaims)> {
+        let (token, claims) =
+            self.key
+                .issue_dataplane(mesh, name, service, valid_for, SystemTime::now())?;
+        tracing::info!(%mesh, dataplane = %name, %service, id = %claims.jti, expires = %token::rfc3339(claims.exp), "issued dataplane token");
+        Ok((token, claims))
+    }
+
     /// Check a presented token now: signature, expiry, zone name, and revocation (reading
     /// the store for revocations made through other replicas).
     pub async fn verify(&self, token: &str) -> Result<Claims> {
@@ -248,11 +263,12 @@ impl Tokens {
 // ---------------------------------------------------------------------------------------
 // API
 
-/// `POST /_tokens/zone`, `POST /_tokens/revoke`, `GET /_tokens/revoked`; mounted behind
+/// `POST /_tokens/zone`, `POST /_tokens/dataplane`, `POST /_tokens/revoke`, `GET /_tokens/revoked`; mounted behind
 /// authentication (writes need the admin token).
 pub fn routes() -> Router<State> {
     Router::new()
         .route("/_tokens/zone", post(issue))
+        .route("/_tokens/dataplane", post(issue_dataplane))
         .route("/_tokens/revoke", post(revoke))
         .route("/_tokens/revoked", get(list_revoked))
 }
@@ -263,6 +279,9 @@ impl From<Error> for ApiError {
             Error::Store(s) => ApiError::from(s),
             Error::InvalidId(_) => ApiError::from(Invalid::one("id", e.to_string())),
             Error::Token(token::Error::Zone(m)) => ApiError::from(Invalid::one("zone", m)),
+            Error::Token(token::Error::DataplaneField { field, message }) => {
+                ApiError::from(Invalid::one(field, message))
+            }
             Error::Token(token::Error::Validity(_)) => {
                 ApiError::from(Invalid::one("validFor", e.to_string()))
             }
@@ -278,6 +297,19 @@ struct IssueRequest {
     zone: String,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    valid_for: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DataplaneRequest {
+    #[serde(default)]
+    mesh: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    service: String,
     #[serde(default)]
     valid_for: Option<String>,
 }
@@ -335,6 +367,49 @@ async fn issue(Extract(state): Extract<State>, body: Bytes) -> Result<Json<Value
         "id": claims.jti,
         "zone": claims.sub,
         "scope": claims.scope,
+        "expiresAt": token::rfc3339(claims.exp),
+    })))
+}
+
+async fn issue_dataplane(
+    Extract(state): Extract<State>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: DataplaneRequest = json_body(&body)?;
+    let mut invalid = Invalid::default();
+    for (field, value) in [("mesh", &req.mesh), ("name", &req.name)] {
+        if let Err(m) = weft_core::validate::check_dns_label(value) {
+            invalid.add(field, m);
+        }
+    }
+    if let Err(m) = token::check_service(&req.service) {
+        invalid.add("service", m);
+    }
+    let valid_for = match req.valid_for.as_deref().map(parse_valid_for).transpose() {
+        Ok(d) => d.unwrap_or(token::DEFAULT_VALID_FOR),
+        Err(m) => {
+            invalid.add("validFor", m);
+            token::DEFAULT_VALID_FOR
+        }
+    };
+    invalid.into_result()?;
+    let mesh = weft_core::Key::new(weft_core::Kind::Mesh, None, &req.mesh);
+    if state.store.get(&mesh).await?.is_none() {
+        return Err(ApiError::from(Invalid::one(
+            "mesh",
+            format!("mesh {:?} does not exist (create it first)", req.mesh),
+        )));
+    }
+    let (token, claims) =
+        state
+            .tokens
+            .issue_dataplane(&req.mesh, &req.name, &req.service, valid_for)?;
+    Ok(Json(json!({
+        "token": token,
+        "id": claims.jti,
+        "mesh": claims.mesh,
+        "name": claims.sub,
+        "service": claims.service,
         "expiresAt": token::rfc3339(claims.exp),
     })))
 }

@@ -73,6 +73,7 @@ pub struct Client {
     instance: String,
     status: Arc<Status>,
     identity: Arc<crate::identity::Identity>,
+    trust: Arc<crate::trust::Trust>,
 }
 
 impl Client {
@@ -84,7 +85,13 @@ impl Client {
             instance,
             status: Arc::default(),
             identity,
+            trust: crate::trust::Trust::new(),
         }
+    }
+
+    /// The token keys and revocations obtained from global, for checking dataplane tokens.
+    pub fn trust(&self) -> Arc<crate::trust::Trust> {
+        self.trust.clone()
     }
 
     /// The zone's intermediate CAs, obtained from global while connected.
@@ -168,13 +175,18 @@ impl Client {
             cancel.clone(),
         );
         // While connected, obtain and renew the intermediate CAs of meshes with mTLS.
-        let identity = self.identity.run(self.store.clone(), client, token.clone());
-        tokio::pin!(to_zone, to_global, identity);
+        let identity = self
+            .identity
+            .run(self.store.clone(), client.clone(), token.clone());
+        // While connected, keep the token keys and revocations for dataplane tokens.
+        let trust = self.trust.run(client, self.cfg.zone.clone(), token.clone());
+        tokio::pin!(to_zone, to_global, identity, trust);
         // Whichever stream ends first ends the session; the other is cancelled.
         let first = tokio::select! {
             r = &mut to_zone => ("global-to-zone", r),
             r = &mut to_global => ("zone-to-global", r),
             () = &mut identity => unreachable!("the identity loop runs until dropped"),
+            () = &mut trust => unreachable!("the trust loop runs until dropped"),
         };
         cancel.cancel();
         let (name, r) = first;

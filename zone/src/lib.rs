@@ -10,6 +10,7 @@
 pub mod config;
 pub mod identity;
 pub mod kds;
+pub mod trust;
 
 use std::sync::Arc;
 
@@ -55,20 +56,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             tracing::info!(zone = %cfg.zone, global = %global.address, "joining global");
             let status = client.status();
             let identity = client.identity();
+            let trust = client.trust();
             let task = tokio::spawn(
                 client
                     .run(shutdown.clone())
                     .instrument(tracing::info_span!("kds", zone = %cfg.zone)),
             );
-            Some((status, identity, task))
+            Some((status, identity, trust, task))
         }
     };
-    let (status, identity) = match &link {
-        Some((s, i, _)) => (Some(s.clone()), i.clone()),
-        None => (None, identity::Identity::new(&cfg.zone)),
+    let (status, identity, trust) = match &link {
+        Some((s, i, t, _)) => (Some(s.clone()), i.clone(), t.clone()),
+        None => (
+            None,
+            identity::Identity::new(&cfg.zone),
+            trust::Trust::new(),
+        ),
     };
-    let result = serve_linked(cfg, store, listener, shutdown, status, identity).await;
-    if let Some((_, _, task)) = link {
+    let result = serve_linked(cfg, store, listener, shutdown, status, identity, trust).await;
+    if let Some((_, _, _, task)) = link {
         task.abort();
     }
     result
@@ -86,13 +92,23 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let identity = identity::Identity::new(&cfg.zone);
-    serve_linked(cfg, store, listener, shutdown, None, identity).await
+    serve_linked(
+        cfg,
+        store,
+        listener,
+        shutdown,
+        None,
+        identity,
+        trust::Trust::new(),
+    )
+    .await
 }
 
 /// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
 /// in-flight requests. The admin and read-only API tokens are made on the first start against
 /// `store` and written to `cfg.data_dir`. With `link`, `/metrics` reports the KDS link;
-/// `/_identity/meshes` shows the public half of `identity`'s intermediate CAs.
+/// `/_identity/meshes` shows the public half of `identity`'s intermediate CAs;
+/// `/_tokens/dataplane/verify` checks a dataplane token against `trust`.
 pub async fn serve_linked(
     cfg: Config,
     store: Arc<dyn Store>,
@@ -100,6 +116,7 @@ pub async fn serve_linked(
     shutdown: CancellationToken,
     link: Option<Arc<kds::Status>>,
     identity: Arc<identity::Identity>,
+    trust: Arc<trust::Trust>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     if let Some(status) = link {
@@ -128,7 +145,10 @@ pub async fn serve_linked(
     tracing::info!(%addr, zone = %cfg.zone, "weft-zone API listening");
     axum::serve(
         listener,
-        api::router_with(state, identity::routes(identity)),
+        api::router_with(
+            state,
+            identity::routes(identity).merge(trust::routes(trust)),
+        ),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await?;
