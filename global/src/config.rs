@@ -218,27 +218,19 @@ impl Config {
                         anyhow::bail!("--kds-tls-cert, --kds-tls-key and --kds-tls-ca go together")
                     }
                 },
-                liveness: weft_proto::driver::Liveness {
-                    interval: args
-                        .kds
+                liveness: weft_proto::driver::Liveness::resolve(
+                    args.kds
                         .kds_ping_interval
                         .or(file.kds_ping_interval)
-                        .map_or(d.kds.liveness.interval, |d| d.as_std()),
-                    timeout: args
-                        .kds
+                        .map(|d| d.as_std()),
+                    args.kds
                         .kds_stall_timeout
                         .or(file.kds_stall_timeout)
-                        .map_or(d.kds.liveness.timeout, |d| d.as_std()),
-                },
+                        .map(|d| d.as_std()),
+                )
+                .map_err(anyhow::Error::msg)?,
             },
         };
-        if cfg.kds.liveness.interval.is_zero()
-            || cfg.kds.liveness.timeout <= cfg.kds.liveness.interval
-        {
-            anyhow::bail!(
-                "--kds-stall-timeout must be longer than --kds-ping-interval (and both above 0)"
-            );
-        }
         if cfg.store == StoreKind::Postgres && cfg.postgres_url.is_none() {
             anyhow::bail!(
                 "--store postgres needs --postgres-url (or WEFT_POSTGRES_URL, or postgresUrl in the config file)"

@@ -40,6 +40,28 @@ pub struct Liveness {
     pub timeout: Duration,
 }
 
+impl Liveness {
+    /// Settings from configuration (`None`: the default), checked: a stall deadline must be
+    /// longer than the ping interval, or every stream would be declared stalled.
+    pub fn resolve(
+        interval: Option<Duration>,
+        timeout: Option<Duration>,
+    ) -> Result<Liveness, String> {
+        let d = Liveness::default();
+        let live = Liveness {
+            interval: interval.unwrap_or(d.interval),
+            timeout: timeout.unwrap_or(d.timeout),
+        };
+        if live.interval.is_zero() || live.timeout <= live.interval {
+            return Err(
+                "--kds-stall-timeout must be longer than --kds-ping-interval (and both above 0)"
+                    .into(),
+            );
+        }
+        Ok(live)
+    }
+}
+
 impl Default for Liveness {
     fn default() -> Self {
         Liveness {

@@ -176,16 +176,15 @@ impl Config {
                 .unwrap_or(d.api_address),
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            kds_liveness: weft_proto::driver::Liveness {
-                interval: args
-                    .kds_ping_interval
+            kds_liveness: weft_proto::driver::Liveness::resolve(
+                args.kds_ping_interval
                     .or(file.kds_ping_interval)
-                    .map_or(d.kds_liveness.interval, |d| d.as_std()),
-                timeout: args
-                    .kds_stall_timeout
+                    .map(|d| d.as_std()),
+                args.kds_stall_timeout
                     .or(file.kds_stall_timeout)
-                    .map_or(d.kds_liveness.timeout, |d| d.as_std()),
-            },
+                    .map(|d| d.as_std()),
+            )
+            .map_err(anyhow::Error::msg)?,
             ..d
         })
     }
