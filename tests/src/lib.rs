@@ -77,8 +77,7 @@ pub struct Global {
     pub kds_port: u16,
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
-    log: PathBuf,
-    child: Option<Child>,
+    proc: Proc,
     pub admin_token: String,
     /// Extra `weft-global run` flags, kept across restarts and given to replicas.
     args: Vec<String>,
@@ -100,7 +99,7 @@ impl GlobalBuilder {
 
     pub async fn start(self) -> anyhow::Result<Global> {
         let data_dir = tempfile::tempdir()?;
-        let log = data_dir.path().join("global.log");
+        let proc = Proc::new("weft-global", data_dir.path().join("global.log"));
         if let Some(token) = &self.admin_token {
             // A replica on a store another replica made: global writes the token file only
             // on the first start against a store, so hand it the one we know.
@@ -110,9 +109,8 @@ impl GlobalBuilder {
             port: free_port(),
             kds_port: free_port(),
             backend: self.backend,
-            log,
+            proc,
             data_dir,
-            child: None,
             admin_token: String::new(),
             args: self.args,
         };
@@ -231,19 +229,11 @@ impl Global {
             Backend::Postgres(url) => cmd.args(["--store", "postgres", "--postgres-url", url]),
         };
         cmd.args(&self.args);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        cmd.stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .env("WEFT_LOG", "info")
-            .env("NO_COLOR", "1");
-        self.child = Some(cmd.spawn().context("starting weft-global")?);
+        self.proc.spawn(cmd)?;
         let http = client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+            if let Some(status) = self.proc.exited()? {
                 bail!(
                     "weft-global exited with {status} while starting:\n{}",
                     self.logs()
@@ -266,10 +256,7 @@ impl Global {
 
     /// `kill -9`: no graceful shutdown, no flush.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 
     /// Start again on the same ports, data dir, backend and flags.
@@ -279,7 +266,7 @@ impl Global {
     }
 
     pub fn logs(&self) -> String {
-        read_log(&self.log)
+        self.proc.logs()
     }
 
     /// An authenticated request to the API.
@@ -296,12 +283,68 @@ impl Global {
     }
 }
 
-impl Drop for Global {
+/// One child process of a test, its stdout and stderr appended to a log file. `kill -9`
+/// on drop; the log is printed when the test is failing.
+pub struct Proc {
+    name: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn new(name: impl Into<String>, log: PathBuf) -> Proc {
+        Proc {
+            name: name.into(),
+            log,
+            child: None,
+        }
+    }
+
+    /// Start `cmd` with its output going to the log (plain text, info level).
+    pub fn spawn(&mut self, mut cmd: Command) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        cmd.stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .env("WEFT_LOG", "info")
+            .env("NO_COLOR", "1");
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.name))?,
+        );
+        Ok(())
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(match self.child.as_mut() {
+            Some(c) => c.try_wait()?,
+            None => None,
+        })
+    }
+
+    /// `kill -9`: no graceful shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
             eprintln!(
-                "---- weft-global log ({}) ----\n{}",
+                "---- {} log ({}) ----\n{}",
+                self.name,
                 self.log.display(),
                 self.logs()
             );

@@ -3,12 +3,12 @@
 //! `/metrics`, and its log (dumped when a test fails).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{Api, Global, bin, client, free_port, read_log, weftctl};
+use crate::{Api, Global, Proc, bin, client, free_port, weftctl};
 
 /// What the zone's token file holds.
 #[derive(Clone, Debug)]
@@ -115,14 +115,17 @@ impl Builder {
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .expect("api port");
+        let proc = Proc::new(
+            format!("weft-zone {}", self.name),
+            data_dir.path().join("zone.log"),
+        );
         let mut z = Zone {
             name: self.name,
             api_port,
-            log: data_dir.path().join("zone.log"),
+            proc,
             token_file,
             data_dir,
             args,
-            child: None,
             admin_token: String::new(),
         };
         z.spawn().await?;
@@ -137,9 +140,8 @@ pub struct Zone {
     pub data_dir: tempfile::TempDir,
     /// The file `--zone-token-file` names (it may not exist).
     pub token_file: PathBuf,
-    log: PathBuf,
+    proc: Proc,
     args: Vec<String>,
-    child: Option<Child>,
     /// The zone's admin API token (new on every start: the store is in memory).
     pub admin_token: String,
 }
@@ -185,21 +187,13 @@ impl Zone {
         // The zone writes a new admin token on every start: wait for that one.
         let token_path = self.data_dir.path().join("admin-token");
         let _ = std::fs::remove_file(&token_path);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
         let mut cmd = Command::new(bin("weft-zone"));
-        cmd.args(&self.args)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .env("WEFT_LOG", "info")
-            .env("NO_COLOR", "1");
-        self.child = Some(cmd.spawn().context("starting weft-zone")?);
+        cmd.args(&self.args);
+        self.proc.spawn(cmd)?;
         let http = client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+            if let Some(status) = self.proc.exited()? {
                 bail!(
                     "weft-zone {} exited with {status} while starting:\n{}",
                     self.name,
@@ -227,10 +221,7 @@ impl Zone {
 
     /// `kill -9`: no graceful shutdown.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 
     /// Start again with the same ports and flags; the memory store starts empty.
@@ -240,7 +231,7 @@ impl Zone {
     }
 
     pub fn logs(&self) -> String {
-        read_log(&self.log)
+        self.proc.logs()
     }
 
     /// Run `weftctl` against this zone's API.
@@ -297,19 +288,5 @@ impl Zone {
             },
         )
         .await
-    }
-}
-
-impl Drop for Zone {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!(
-                "---- weft-zone {} log ({}) ----\n{}",
-                self.name,
-                self.log.display(),
-                self.logs()
-            );
-        }
     }
 }
