@@ -52,6 +52,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct ProxyView {
     pub mesh: String,
     pub dataplane: String,
+    /// The mesh has mTLS enabled (`mtls.enabledBackend`): proxies talk mutual TLS with
+    /// workload certificates; otherwise plaintext.
+    #[serde(default)]
+    pub mtls: bool,
+    /// Traffic that no MeshTrafficPermission allows is denied (`Mesh.spec.defaultDeny`,
+    /// which defaults to true when mTLS is on).
+    #[serde(default)]
+    pub default_deny: bool,
     pub inbounds: Vec<InboundView>,
     /// Per destination service (the dataplane's outbounds), per policy kind: the merged
     /// `to` conf. Every outbound is listed, with an empty map when nothing applies.
@@ -457,9 +465,24 @@ pub fn resolve(dataplane: &Resource, resources: &[Resource]) -> Result<ProxyView
         .filter_map(|o| o.tags.get(SERVICE_TAG).map(String::as_str))
         .collect();
 
+    let mesh_spec = resources
+        .iter()
+        .find(|r| r.kind == Kind::Mesh && Some(&r.name) == dataplane.mesh.as_ref())
+        .map(|r| {
+            validate::from_value::<crate::spec::mesh::MeshSpec>("spec", r.spec.clone())
+                .map_err(|e| invalid(r, e))
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let mtls = mesh_spec
+        .mtls
+        .as_ref()
+        .is_some_and(|m| m.enabled_backend.is_some());
     let mut view = ProxyView {
         mesh: dataplane.mesh.clone().unwrap_or_default(),
         dataplane: dataplane.name.clone(),
+        mtls,
+        default_deny: mesh_spec.default_deny.unwrap_or(mtls),
         inbounds: inbounds
             .iter()
             .map(|ib| InboundView {

@@ -260,7 +260,7 @@ impl TempServer {
         let server = TempServer {
             dir,
             bin,
-            port: free_port()?,
+            port: free_port(),
             as_postgres,
         };
         if as_postgres {
@@ -443,9 +443,37 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(l.local_addr()?.port())
+/// A free TCP port on 127.0.0.1 for another process to bind.
+///
+/// Ports come from below the kernel's ephemeral range, so no outgoing connection (a pool's
+/// connection to Postgres, a client's) can take one between this call and the child's bind,
+/// and this process never hands the same port out twice, so parallel tests don't collide.
+/// Test binaries start at different offsets (by pid) so concurrent ones spread out too.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const FIRST: u32 = 10_000;
+    if ephemeral_low < FIRST + 1_000 {
+        // An unusual range: fall back to what the kernel picks.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a free port on 127.0.0.1");
+    }
+    let span = ephemeral_low - FIRST;
+    let offset = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + offset.wrapping_add(n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {FIRST} and {ephemeral_low}");
 }
 
 #[cfg(test)]

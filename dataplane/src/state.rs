@@ -1,0 +1,283 @@
+//! What the proxy runs on: the latest configuration the zone pushed, shared between the
+//! session that writes it ([`State::apply`]) and the listeners that read it on every
+//! connection or request ([`State::service`], [`State::view`]).
+//!
+//! This module is the contract between the session side (`client`, `admin`) and the traffic
+//! side (`inbound`, `outbound`, `lb`, `tls`, `metrics`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weft_core::policy::ProxyView;
+use weft_core::spec::fields::Protocol;
+use weft_proto::dataplane::v1 as pb;
+
+/// One configuration as applied: the resolved view and the endpoints of the wanted services.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub view: Arc<ProxyView>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// 0 before the first update; bumped by every applied update.
+    pub generation: u64,
+    /// The nonce of the last applied update.
+    pub nonce: u64,
+}
+
+/// A service the proxy may call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// IP address or host name.
+    pub address: String,
+    pub port: u16,
+    /// The Dataplane behind it.
+    pub dataplane: String,
+    pub zone: String,
+    pub tags: BTreeMap<String, String>,
+    pub weight: u32,
+}
+
+impl Endpoint {
+    /// `address:port`, bracketed for IPv6.
+    pub fn authority(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+
+    /// The socket address when `address` is an IP.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.address.parse().ok()?, self.port))
+    }
+}
+
+/// Parse the wire name of a protocol (`tcp`, `http`, `http2`, `grpc`).
+pub fn protocol(s: &str) -> Result<Protocol, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown protocol {s:?} (expected tcp, http, http2 or grpc)"))
+}
+
+/// The shared, always-readable configuration. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct State {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            tx: Arc::new(watch::Sender::new(Arc::new(Snapshot::default()))),
+        }
+    }
+
+    /// The configuration now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Changes from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The endpoints of `service` now, if the zone sent any.
+    pub fn service(&self, service: &str) -> Option<Arc<Service>> {
+        self.tx.borrow().services.get(service).cloned()
+    }
+
+    /// The resolved policy view now.
+    pub fn view(&self) -> Arc<ProxyView> {
+        self.tx.borrow().view.clone()
+    }
+
+    /// Whether a first update has been applied.
+    pub fn has_config(&self) -> bool {
+        self.tx.borrow().generation > 0
+    }
+
+    /// Apply an update from the zone: all or nothing. An error is the NACK reason, and the
+    /// configuration stays what it was.
+    pub fn apply(&self, update: &pb::Update) -> Result<(), String> {
+        let old = self.current();
+        let view = match &update.view_json {
+            Some(json) => Arc::new(
+                serde_json::from_str::<ProxyView>(json).map_err(|e| format!("view_json: {e}"))?,
+            ),
+            None if update.full => {
+                return Err("a full update without view_json".to_string());
+            }
+            None => old.view.clone(),
+        };
+        let mut services = if update.full {
+            BTreeMap::new()
+        } else {
+            old.services.clone()
+        };
+        for s in &update.services {
+            let protocol =
+                protocol(&s.protocol).map_err(|e| format!("services[{}]: {e}", s.service))?;
+            let mut endpoints = Vec::with_capacity(s.endpoints.len());
+            for (i, e) in s.endpoints.iter().enumerate() {
+                let port = u16::try_from(e.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "services[{}].endpoints[{i}].port: {} is not a port",
+                            s.service, e.port
+                        )
+                    })?;
+                endpoints.push(Endpoint {
+                    address: e.address.clone(),
+                    port,
+                    dataplane: e.dataplane.clone(),
+                    zone: e.zone.clone(),
+                    tags: e.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    weight: e.weight.max(1),
+                });
+            }
+            services.insert(
+                s.service.clone(),
+                Arc::new(Service {
+                    name: s.service.clone(),
+                    protocol,
+                    endpoints,
+                }),
+            );
+        }
+        for name in &update.removed_services {
+            services.remove(name);
+        }
+        self.tx.send_replace(Arc::new(Snapshot {
+            view,
+            services,
+            generation: old.generation + 1,
+            nonce: update.nonce,
+        }));
+        Ok(())
+    }
+}
+
+/// Who this proxy is, for logs and metric labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    pub mesh: String,
+    pub zone: String,
+    pub dataplane: String,
+}
+
+/// Everything a listener needs, shared by all of them. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    pub state: State,
+    pub identity: Arc<crate::tls::Identity>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub labels: Arc<Labels>,
+    /// Cancelled on SIGTERM: listeners stop accepting, open connections finish what they
+    /// are doing (HTTP connections close after their in-flight requests).
+    pub draining: CancellationToken,
+    /// Every connection task is spawned on this tracker, so that `main` can wait for them to
+    /// finish (with a deadline) after `draining` is cancelled.
+    pub tasks: TaskTracker,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(full: bool, view: Option<&str>, services: Vec<pb::ServiceEndpoints>) -> pb::Update {
+        pb::Update {
+            nonce: 7,
+            full,
+            view_json: view.map(str::to_string),
+            services,
+            removed_services: vec![],
+        }
+    }
+
+    fn svc(name: &str, ports: &[u32]) -> pb::ServiceEndpoints {
+        pb::ServiceEndpoints {
+            service: name.into(),
+            protocol: "http".into(),
+            endpoints: ports
+                .iter()
+                .map(|p| pb::Endpoint {
+                    address: "127.0.0.1".into(),
+                    port: *p,
+                    dataplane: format!("dp-{p}"),
+                    zone: "east".into(),
+                    tags: Default::default(),
+                    weight: 0,
+                })
+                .collect(),
+        }
+    }
+
+    const VIEW: &str = r#"{"mesh":"default","dataplane":"web","inbounds":[],"outbounds":{}}"#;
+
+    #[test]
+    fn full_then_delta_then_removal() {
+        let state = State::new();
+        assert!(!state.has_config());
+        state
+            .apply(&update(
+                true,
+                Some(VIEW),
+                vec![svc("a", &[1, 2]), svc("b", &[3])],
+            ))
+            .unwrap();
+        assert_eq!(state.service("a").unwrap().endpoints.len(), 2);
+        assert_eq!(state.service("a").unwrap().endpoints[0].weight, 1);
+        let b_before = state.service("b").unwrap();
+        state
+            .apply(&update(false, None, vec![svc("a", &[4])]))
+            .unwrap();
+        assert_eq!(state.service("a").unwrap().endpoints[0].port, 4);
+        // Untouched services are the same allocation: a delta does not rebuild the rest.
+        assert!(Arc::ptr_eq(&b_before, &state.service("b").unwrap()));
+        let mut u = update(false, None, vec![]);
+        u.removed_services = vec!["a".into()];
+        state.apply(&u).unwrap();
+        assert!(state.service("a").is_none());
+        assert_eq!(state.current().generation, 3);
+        assert_eq!(state.view().dataplane, "web");
+    }
+
+    #[test]
+    fn a_bad_update_changes_nothing() {
+        let state = State::new();
+        state
+            .apply(&update(true, Some(VIEW), vec![svc("a", &[1])]))
+            .unwrap();
+        let err = state
+            .apply(&update(false, None, vec![svc("a", &[70000])]))
+            .unwrap_err();
+        assert!(err.contains("services[a].endpoints[0].port"), "{err}");
+        let err = state.apply(&update(false, Some("{"), vec![])).unwrap_err();
+        assert!(err.starts_with("view_json"), "{err}");
+        let mut bad = svc("a", &[1]);
+        bad.protocol = "udp".into();
+        let err = state.apply(&update(false, None, vec![bad])).unwrap_err();
+        assert!(err.contains("unknown protocol"), "{err}");
+        assert_eq!(state.service("a").unwrap().endpoints[0].port, 1);
+        assert_eq!(state.current().generation, 1);
+    }
+}
