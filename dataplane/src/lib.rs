@@ -3,12 +3,18 @@
 //! ([`state`], [`tls`]), and carries the application's traffic: the inbound terminates mTLS,
 //! checks the caller's SPIFFE identity against MeshTrafficPermission and forwards to the
 //! application ([`inbound`]); outbounds balance over the called service's endpoints and
-//! originate mTLS ([`outbound`]).
+//! originate mTLS ([`outbound`], [`lb`]).
 //!
-//! Module owners (while the crate is being built in parallel): `client`, `config`, `admin`,
-//! `main.rs` run the session and the process; `tls`, `inbound`, `outbound`, `lb`, `metrics`
-//! carry traffic. [`state`] is the contract between the two.
+//! Session side: [`config`] (flags), [`client`] (the zone session, certificates), [`admin`]
+//! (`/ready`, `/config`, `/metrics`), `main.rs`. Traffic side: [`tls`], [`inbound`],
+//! [`outbound`], [`lb`], [`metrics`]. [`state`] is the contract between the two.
 
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod inbound;
+pub mod lb;
 pub mod metrics;
+pub mod outbound;
 pub mod state;
 pub mod tls;

@@ -1,0 +1,1 @@
+//! (session side: being written)
