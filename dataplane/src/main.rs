@@ -1,4 +1,238 @@
-fn main() {
-    eprintln!("weft-dp: not built yet");
-    std::process::exit(2);
+//! weft-dp: parse the flags and the Dataplane file, build the runtime, then run the proxy:
+//! admin endpoint at once, the zone session, the listeners once the first configuration (and
+//! certificate, with mTLS) is in place, and a drain on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+use weft_dp::admin::{self, Admin};
+use weft_dp::client;
+use weft_dp::config::{Cli, Command, Config, LogFormat};
+use weft_dp::state::{Context, Labels, State};
+use weft_dp::{inbound, metrics, outbound, tls};
+
+fn main() -> ExitCode {
+    let args = match Cli::parse().command {
+        Command::Version => {
+            println!("weft-dp {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Run(args) => *args,
+    };
+    // Nothing starts unless the flags and files are right.
+    let cfg = match Config::load(args).and_then(|cfg| init_tracing(&cfg).map(|()| cfg)) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("weft-dp: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = if cfg.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(cfg.threads))
+            .enable_all()
+            .build()
+    };
+    let result = runtime
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(run(cfg)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(cfg: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .with_context(|| format!("--log-level {:?}", cfg.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+/// SIGTERM or SIGINT, whichever comes first; registered before anything starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let dp = &cfg.dataplane;
+    let mut labels = Labels {
+        mesh: dp.mesh.clone(),
+        zone: String::new(),
+        dataplane: dp.name.clone(),
+    };
+    let ctx = Context {
+        state: State::new(),
+        identity: tls::Identity::new(&dp.mesh),
+        metrics: Arc::new(metrics::Metrics::new(labels.clone())),
+        labels: Arc::new(labels.clone()),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let client = client::Client::new(
+        client::Config::new(&cfg),
+        ctx.state.clone(),
+        ctx.identity.clone(),
+    );
+    let session = client.status();
+    // Ends the admin endpoint and the session when the process is done.
+    let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
+
+    let admin = Admin::new(ctx.clone(), session.clone());
+    let admin_listener = TcpListener::bind(cfg.admin_address)
+        .await
+        .with_context(|| format!("admin: binding {}", cfg.admin_address))?;
+    tracing::info!(address = %cfg.admin_address, "admin endpoint listening");
+    let mut admin_task = tokio::spawn(
+        admin::serve(admin_listener, admin.clone(), stop.clone())
+            .instrument(tracing::info_span!("admin")),
+    );
+    tracing::info!(
+        zone = %cfg.zone_address, dataplane = %dp.name, mesh = %dp.mesh,
+        version = env!("CARGO_PKG_VERSION"), "starting"
+    );
+    let mut session_task = tokio::spawn(
+        client
+            .run(stop.clone())
+            .instrument(tracing::info_span!("session")),
+    );
+
+    // Listeners start once there is something to serve with.
+    let mut progress = session.subscribe();
+    tokio::select! {
+        r = progress.wait_for(|p| p.waiting_for().is_none()) => {
+            r.context("the session's status is gone")?;
+        }
+        r = &mut session_task => return ended("the zone session", r),
+        r = &mut admin_task => return ended("the admin endpoint", r),
+        s = signals.recv() => {
+            tracing::info!(signal = s, "stopping before the first configuration");
+            return Ok(());
+        }
+    }
+
+    // The zone is known now: the listeners' metrics carry it.
+    labels.zone = session.zone();
+    let ctx = Context {
+        metrics: Arc::new(metrics::Metrics::new(labels.clone())),
+        labels: Arc::new(labels),
+        ..ctx
+    };
+    admin.set_context(ctx.clone());
+    let mut listeners = JoinSet::new();
+    for l in dp.inbounds() {
+        let listener = bind(&l.field, &l.host, l.port).await?;
+        let span = tracing::info_span!("inbound", port = l.port, service = %l.inbound.service);
+        let (field, ctx) = (l.field.clone(), ctx.clone());
+        listeners.spawn(
+            async move { (field, inbound::run(listener, l.inbound, ctx).await) }.instrument(span),
+        );
+    }
+    for l in dp.outbounds() {
+        let listener = bind(&l.field, &l.host, l.port).await?;
+        let span = tracing::info_span!("outbound", port = l.port, service = %l.outbound.service);
+        let (field, ctx) = (l.field.clone(), ctx.clone());
+        listeners.spawn(
+            async move { (field, outbound::run(listener, l.outbound, ctx).await) }
+                .instrument(span),
+        );
+    }
+    admin.set_listening();
+    tracing::info!(
+        inbounds = dp.spec.networking.inbound.len(),
+        outbounds = dp.spec.networking.outbound.len(),
+        "serving"
+    );
+
+    tokio::select! {
+        s = signals.recv() => tracing::info!(signal = s, timeout = ?cfg.drain_timeout, "draining"),
+        Some(r) = listeners.join_next() => {
+            return match r {
+                Ok((field, Ok(()))) => Err(anyhow::anyhow!("{field}: the listener stopped")),
+                Ok((field, Err(e))) => Err(e.context(format!("{field}: the listener failed"))),
+                Err(e) => Err(anyhow::anyhow!("a listener panicked: {e}")),
+            };
+        }
+        r = &mut session_task => return ended("the zone session", r),
+        r = &mut admin_task => return ended("the admin endpoint", r),
+    }
+
+    // Drain: stop accepting, let open connections finish within the timeout.
+    ctx.draining.cancel();
+    ctx.tasks.close();
+    if tokio::time::timeout(cfg.drain_timeout, ctx.tasks.wait())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained: every connection finished");
+    } else {
+        tracing::warn!(
+            cut = ctx.tasks.len(),
+            "drain timeout: cutting the connections still open"
+        );
+    }
+    Ok(())
+}
+
+async fn bind(field: &str, host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("{field}: binding {}", authority(host, port)))
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A critical task ended before shutdown: that ends the process.
+fn ended(what: &str, r: Result<anyhow::Result<()>, JoinError>) -> anyhow::Result<()> {
+    match r {
+        Ok(Ok(())) => Err(anyhow::anyhow!("{what} stopped")),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!("{what} panicked: {e}")),
+    }
 }
