@@ -69,6 +69,33 @@ pub struct RunArgs {
     /// A KDS stream silent for this long is torn down and reconnected [default: 20s].
     #[arg(long, env = "WEFT_ZONE_KDS_STALL_TIMEOUT")]
     pub kds_stall_timeout: Option<weft_core::validate::Duration>,
+    /// Address of the data-plane API (gRPC over TLS) that proxies connect to
+    /// [default: 127.0.0.1:5683].
+    #[arg(long, env = "WEFT_ZONE_DATAPLANE_ADDRESS")]
+    pub dataplane_address: Option<SocketAddr>,
+    /// An extra DNS name or IP address for the data-plane API's generated server certificate
+    /// (besides localhost, 127.0.0.1 and ::1); repeat the flag or separate with commas.
+    #[arg(
+        long = "dataplane-san",
+        env = "WEFT_ZONE_DATAPLANE_SANS",
+        value_delimiter = ','
+    )]
+    pub dataplane_sans: Vec<String>,
+    /// PEM certificate chain for the data-plane API instead of the generated one (with
+    /// --dataplane-key-file).
+    #[arg(long, env = "WEFT_ZONE_DATAPLANE_CERT_FILE")]
+    pub dataplane_cert_file: Option<PathBuf>,
+    /// PEM private key of --dataplane-cert-file.
+    #[arg(long, env = "WEFT_ZONE_DATAPLANE_KEY_FILE")]
+    pub dataplane_key_file: Option<PathBuf>,
+    /// Lifetime of the workload certificates issued to proxies when the Mesh does not set
+    /// `dpCert.rotation.expiration` [default: 24h].
+    #[arg(long, env = "WEFT_ZONE_WORKLOAD_CERT_VALIDITY")]
+    pub workload_cert_validity: Option<weft_core::validate::Duration>,
+    /// After a start, how long the zone holds the first full update of proxies that reconnect
+    /// with a config, so they never see a half-registered mesh [default: 5s; 0s disables].
+    #[arg(long, env = "WEFT_ZONE_DATAPLANE_WARMUP")]
+    pub dataplane_warmup: Option<weft_core::validate::Duration>,
 }
 
 /// The optional YAML file: the same settings as the flags.
@@ -85,6 +112,12 @@ struct File {
     log_format: Option<LogFormat>,
     kds_ping_interval: Option<weft_core::validate::Duration>,
     kds_stall_timeout: Option<weft_core::validate::Duration>,
+    dataplane_address: Option<SocketAddr>,
+    dataplane_sans: Option<Vec<String>>,
+    dataplane_cert_file: Option<PathBuf>,
+    dataplane_key_file: Option<PathBuf>,
+    workload_cert_validity: Option<weft_core::validate::Duration>,
+    dataplane_warmup: Option<weft_core::validate::Duration>,
 }
 
 /// The resolved configuration of `weft-zone run`.
@@ -99,6 +132,34 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Ping cadence and stall deadline of the KDS streams.
     pub kds_liveness: weft_proto::driver::Liveness,
+    /// The data-plane API proxies connect to.
+    pub dataplane: Dataplane,
+}
+
+/// Settings of the data-plane API (`docs/dataplane-api.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataplane {
+    pub address: SocketAddr,
+    /// Extra names of the generated server certificate.
+    pub sans: Vec<String>,
+    /// The operator's certificate chain and key files instead of the generated ones.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Workload certificate lifetime when the Mesh does not say.
+    pub workload_cert_validity: std::time::Duration,
+    /// How long after start reconnecting proxies wait for their first full update.
+    pub warmup: std::time::Duration,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Dataplane {
+            address: "127.0.0.1:5683".parse().expect("valid default"),
+            sans: Vec::new(),
+            tls_files: None,
+            workload_cert_validity: std::time::Duration::from_secs(24 * 3600),
+            warmup: std::time::Duration::from_secs(5),
+        }
+    }
 }
 
 /// How to reach global: set together, or not at all.
@@ -139,6 +200,7 @@ impl Config {
             data_dir: PathBuf::from("weft-zone-data"),
             log_format: LogFormat::Text,
             kds_liveness: weft_proto::driver::Liveness::default(),
+            dataplane: Dataplane::default(),
         }
     }
 
@@ -148,6 +210,7 @@ impl Config {
             Some(p) => read_file(p)?,
             None => File::default(),
         };
+        let dataplane = resolve_dataplane(&args, &file, &crate::config::Dataplane::default())?;
         let Some(zone) = args.zone.or(file.zone) else {
             bail!(
                 "--zone is required (or WEFT_ZONE_NAME, or zone in the config file): this zone's name, a DNS label such as east"
@@ -169,6 +232,7 @@ impl Config {
         )?;
         let d = Config::new(zone);
         Ok(Config {
+            dataplane,
             global,
             api_address: args
                 .api_address
@@ -188,6 +252,63 @@ impl Config {
             ..d
         })
     }
+}
+
+fn resolve_dataplane(args: &RunArgs, file: &File, d: &Dataplane) -> anyhow::Result<Dataplane> {
+    // The certificate and its key are one choice: a flag's choice replaces the file's.
+    let (cert, key) = if args.dataplane_cert_file.is_some() || args.dataplane_key_file.is_some() {
+        (args.dataplane_cert_file.clone(), args.dataplane_key_file.clone())
+    } else {
+        (file.dataplane_cert_file.clone(), file.dataplane_key_file.clone())
+    };
+    let tls_files = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => bail!(
+            "--dataplane-cert-file needs --dataplane-key-file (the certificate's private key), or remove both to let the zone make its own"
+        ),
+        (None, Some(_)) => bail!(
+            "--dataplane-key-file needs --dataplane-cert-file (the certificate chain), or remove both to let the zone make its own"
+        ),
+    };
+    let sans = if args.dataplane_sans.is_empty() {
+        file.dataplane_sans.clone().unwrap_or_default()
+    } else {
+        args.dataplane_sans.clone()
+    };
+    let sans: Vec<String> = sans
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if tls_files.is_some() && !sans.is_empty() {
+        bail!(
+            "--dataplane-san only applies to the generated certificate: put the names in --dataplane-cert-file's certificate, or remove --dataplane-san"
+        );
+    }
+    let validity = args
+        .workload_cert_validity
+        .or(file.workload_cert_validity)
+        .map_or(d.workload_cert_validity, |v| v.as_std());
+    if validity < std::time::Duration::from_secs(60) {
+        bail!(
+            "--workload-cert-validity {:?} is too short (expected at least 1m, e.g. 24h)",
+            weft_core::validate::Duration(validity).to_string()
+        );
+    }
+    Ok(Dataplane {
+        address: args
+            .dataplane_address
+            .or(file.dataplane_address)
+            .unwrap_or(d.address),
+        sans,
+        tls_files,
+        workload_cert_validity: validity,
+        warmup: args
+            .dataplane_warmup
+            .or(file.dataplane_warmup)
+            .map_or(d.warmup, |v| v.as_std()),
+    })
 }
 
 fn resolve_global(

@@ -4,10 +4,14 @@
 //! with its origin, refuses global-owned kinds, and never changes what came from global or
 //! another zone.
 //!
-//! Entry points: [`run`] wires everything from a [`config::Config`]; [`serve`] does it on a
-//! store and listener the caller made, so tests serve a zone on `127.0.0.1:0`.
+//! It also serves the data-plane API ([`dataplane`]) that proxies register with.
+//!
+//! Entry points: [`run`] wires everything from a [`config::Config`]; [`serve`] and
+//! [`serve_with`] do it on a store and listeners the caller made, so tests serve a zone on
+//! `127.0.0.1:0`.
 
 pub mod config;
+pub mod dataplane;
 pub mod identity;
 pub mod kds;
 pub mod trust;
@@ -33,6 +37,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let listener = TcpListener::bind(cfg.api_address)
         .await
         .with_context(|| format!("binding the API address {}", cfg.api_address))?;
+    let dataplane_listener = TcpListener::bind(cfg.dataplane.address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the data-plane API address {} (--dataplane-address)",
+                cfg.dataplane.address
+            )
+        })?;
     let link = match &cfg.global {
         None => {
             tracing::info!(zone = %cfg.zone, "running standalone (no --global-address)");
@@ -73,7 +85,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             trust::Trust::new(),
         ),
     };
-    let result = serve_linked(cfg, store, listener, shutdown, status, identity, trust).await;
+    let result = serve_with(
+        cfg,
+        store,
+        Listeners {
+            api: listener,
+            dataplane: Some(dataplane_listener),
+        },
+        shutdown,
+        Links {
+            kds: status,
+            identity,
+            trust,
+        },
+    )
+    .await;
     if let Some((_, _, _, task)) = link {
         task.abort();
     }
@@ -104,6 +130,26 @@ pub async fn serve(
     .await
 }
 
+/// Where a zone serves.
+pub struct Listeners {
+    /// The REST API.
+    pub api: TcpListener,
+    /// The data-plane API; `None` serves none (the API still lists dataplanes as offline).
+    pub dataplane: Option<TcpListener>,
+}
+
+/// What a zone obtains from global (empty for a standalone zone).
+pub struct Links {
+    /// The KDS link's status, for `/metrics`.
+    pub kds: Option<Arc<kds::Status>>,
+    /// The zone's intermediate CAs.
+    pub identity: Arc<identity::Identity>,
+    /// The dataplane token trust.
+    pub trust: Arc<trust::Trust>,
+}
+
+/// [`serve_with`] with only the REST API.
+///
 /// Serve the zone's API on `store` and `listener` until `shutdown` is cancelled, then finish
 /// in-flight requests. The admin and read-only API tokens are made on the first start against
 /// `store` and written to `cfg.data_dir`. With `link`, `/metrics` reports the KDS link;
@@ -118,11 +164,81 @@ pub async fn serve_linked(
     identity: Arc<identity::Identity>,
     trust: Arc<trust::Trust>,
 ) -> anyhow::Result<()> {
+    serve_with(
+        cfg,
+        store,
+        Listeners {
+            api: listener,
+            dataplane: None,
+        },
+        shutdown,
+        Links {
+            kds: link,
+            identity,
+            trust,
+        },
+    )
+    .await
+}
+
+/// Serve the REST API and, with `listeners.dataplane`, the data-plane API (TLS material from
+/// `cfg.data_dir` or the configured files) until `shutdown`. The data-plane API is critical:
+/// if it fails, the zone stops.
+pub async fn serve_with(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    links: Links,
+) -> anyhow::Result<()> {
+    let Links {
+        kds: link,
+        identity,
+        trust,
+    } = links;
+    let listener = listeners.api;
     let metrics = Arc::new(Metrics::new());
-    if let Some(status) = link {
-        metrics.set_extra(Box::new(move || kds::render_metrics(&status)));
-    }
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
+    let hub = dataplane::Hub::new(
+        &cfg.zone,
+        store.clone(),
+        identity.clone(),
+        trust.clone(),
+        cfg.dataplane.clone(),
+    );
+    {
+        // `set_extra` takes one renderer: the KDS link's and the data-plane API's lines.
+        let hub = hub.clone();
+        metrics.set_extra(Box::new(move || {
+            let mut out = link
+                .as_ref()
+                .map(|s| kds::render_metrics(s))
+                .unwrap_or_default();
+            out.push_str(&hub.render_metrics());
+            out
+        }));
+    }
+    // The data-plane server runs until shutdown; if it fails, the whole zone stops.
+    let stop = shutdown.child_token();
+    let dataplane_task = match listeners.dataplane {
+        None => None,
+        Some(l) => {
+            let tls = dataplane::tls::load(&cfg.dataplane, &cfg.data_dir)?;
+            let hub = hub.clone();
+            let stop = stop.clone();
+            Some(tokio::spawn(
+                async move {
+                    let r = hub.serve(l, tls, stop.clone()).await;
+                    if let Err(e) = &r {
+                        tracing::error!(error = %format!("{e:#}"), "the data-plane API failed: stopping the zone");
+                    }
+                    stop.cancel();
+                    r
+                }
+                .instrument(tracing::info_span!("dataplane-api")),
+            ))
+        }
+    };
     let auth = Auth::bootstrap(store.clone(), &cfg.data_dir).await?;
     let refresh = tokio::spawn(
         auth.clone()
@@ -143,16 +259,30 @@ pub async fn serve_linked(
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, zone = %cfg.zone, "weft-zone API listening");
-    axum::serve(
+    let served = axum::serve(
         listener,
         api::router_with(
             state,
-            identity::routes(identity).merge(trust::routes(trust)),
+            identity::routes(identity)
+                .merge(trust::routes(trust))
+                .merge(dataplane::insight::routes(hub)),
         ),
     )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    .with_graceful_shutdown(stop.clone().cancelled_owned())
+    .await;
+    stop.cancel();
     refresh.abort();
+    if let Some(task) = dataplane_task {
+        match task.await {
+            Ok(Err(e)) => return Err(e.context("data-plane API")),
+            Err(e) => anyhow::bail!("data-plane API task failed: {e}"),
+            Ok(Ok(())) if !shutdown.is_cancelled() => {
+                anyhow::bail!("data-plane API stopped unexpectedly")
+            }
+            Ok(Ok(())) => {}
+        }
+    }
+    served?;
     tracing::info!(zone = %cfg.zone, "weft-zone stopped");
     Ok(())
 }
