@@ -1,0 +1,1052 @@
+//! Benchmark (issue 4): what a sidecar pair costs, against the same upstream on loopback.
+//!
+//! Chains, all set up once and measured alternately (run 1 of every chain, then run 2, ...):
+//! - `D0`: load generator -> upstream;
+//! - `floor`: -> bench-tunnel client -> (mTLS) -> bench-tunnel server -> upstream (minimal
+//!   tokio-rustls pair: what any mTLS sidecar pair costs at least);
+//! - `haproxy`: -> haproxy -> (mTLS) -> haproxy -> upstream (Debian's haproxy, nbthread 1);
+//! - `D2`: -> weft-dp -> (mTLS) -> weft-dp -> upstream, configured by a real weft-global
+//!   (memory store) and weft-zone.
+//!
+//! Loads: fixed rates (coordinated-omission corrected: `oha -q R --latency-correction`) and
+//! maximum throughput (fixed concurrency). Per measurement: latency percentiles and requests/s
+//! from oha, CPU time (utime+stime, /proc/<pid>/stat) of each proxy process before and after,
+//! and its VmRSS. Then the idle check: one weft-dp whose Dataplane has outbounds to N
+//! services registered in the zone, its VmRSS once ready.
+//!
+//! Usage: `scripts/bench-proxy.sh` (installs haproxy and oha, builds, runs), or
+//! `target/release/bench-proxy --runs 1 --duration 2s` for a quick look.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use reqwest::Method;
+use serde_json::{Value, json};
+use weft_bench::{Proc, cpu_ticks, make_identities, rss_kib, sibling_bin, ticks_per_second};
+use weft_tests::{Backend, Global, Zone, free_port};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench-proxy", about = "sidecar pair benchmark (issue 4)")]
+struct Args {
+    /// Runs per chain and load (alternating chains).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Length of each measurement (Go syntax: 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Warm-up at maximum throughput of each chain before run 1.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Fixed request rates to measure, requests/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<u32>,
+    /// Connections of the fixed-rate loads.
+    #[arg(long, default_value_t = 16)]
+    rate_connections: usize,
+    /// Connections of the maximum-throughput load.
+    #[arg(long, default_value_t = 32)]
+    max_connections: usize,
+    /// Chains to run (D0 always runs: the others are compared with it).
+    #[arg(long, value_delimiter = ',', default_value = "floor,haproxy,weft")]
+    chains: Vec<String>,
+    /// The load generator.
+    #[arg(long, default_value = "oha")]
+    oha: PathBuf,
+    #[arg(long, default_value = "haproxy")]
+    haproxy: PathBuf,
+    /// Services in the idle weft-dp's config (0: skip the idle check).
+    #[arg(long, default_value_t = 1000)]
+    idle_services: usize,
+    /// Also write every sample as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the work directory (configs, certificates, logs) instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<weft_core::validate::Duration>()
+        .map(|d| d.as_std())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Load {
+    Rate(u32),
+    Max,
+}
+
+impl Load {
+    fn label(self, args: &Args) -> String {
+        match self {
+            Load::Rate(r) => format!(
+                "{r} req/s fixed rate, {} connections",
+                args.rate_connections
+            ),
+            Load::Max => format!("max throughput, {} connections", args.max_connections),
+        }
+    }
+}
+
+/// One chain under test: the URL the load generator calls and the proxy processes to watch.
+struct Chain {
+    name: &'static str,
+    url: String,
+    /// (role, process): the proxies whose CPU and RSS are reported.
+    proxies: Vec<(&'static str, Proc)>,
+    /// Why the chain could not run, if it could not.
+    unavailable: Option<String>,
+}
+
+impl Chain {
+    fn down(name: &'static str, why: String) -> Chain {
+        eprintln!("!! chain {name} unavailable: {why}");
+        Chain {
+            name,
+            url: String::new(),
+            proxies: Vec::new(),
+            unavailable: Some(why),
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Debug)]
+struct Sample {
+    chain: &'static str,
+    load: Load,
+    run: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    rps: f64,
+    requests: u64,
+    errors: u64,
+    /// role -> CPU µs per request.
+    cpu_us: BTreeMap<&'static str, f64>,
+    /// role -> VmRSS KiB after the measurement.
+    rss_kib: BTreeMap<&'static str, u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let work = tempfile::Builder::new().prefix("bench-proxy-").tempdir()?;
+    let dir = work.path().to_path_buf();
+    eprintln!("work dir {}", dir.display());
+    check_tool(&args.oha, "--version")?;
+
+    // The upstream, shared by every chain.
+    let up_port = free_port();
+    let mut cmd = Command::new(sibling_bin("bench-upstream")?);
+    cmd.arg(format!("127.0.0.1:{up_port}"));
+    let upstream = Proc::spawn("bench-upstream", cmd, dir.join("upstream.log"))?;
+    let up_url = format!("http://127.0.0.1:{up_port}/");
+    wait_http(&up_url, Duration::from_secs(10))
+        .await
+        .context("upstream")?;
+
+    let mut chains = vec![Chain {
+        name: "D0",
+        url: up_url.clone(),
+        proxies: Vec::new(),
+        unavailable: None,
+    }];
+    let ids = make_identities(&dir, &["client", "server"])?;
+    let mut weft_env = None;
+    for name in &args.chains {
+        let chain = match name.as_str() {
+            "floor" => floor_chain(&dir, &ids, up_port)
+                .await
+                .unwrap_or_else(|e| Chain::down("floor", format!("{e:#}"))),
+            "haproxy" => haproxy_chain(&args, &dir, &ids, up_port)
+                .await
+                .unwrap_or_else(|e| Chain::down("haproxy", format!("{e:#}"))),
+            "weft" => match WeftEnv::start(&dir).await {
+                Ok(env) => {
+                    let c = env
+                        .pair(&dir, up_port)
+                        .await
+                        .unwrap_or_else(|e| Chain::down("D2", format!("{e:#}")));
+                    weft_env = Some(env);
+                    c
+                }
+                Err(e) => Chain::down("D2", format!("control plane: {e:#}")),
+            },
+            other => bail!("unknown chain {other:?} (floor, haproxy, weft)"),
+        };
+        chains.push(chain);
+    }
+
+    // Warm up every chain that runs.
+    for c in chains.iter().filter(|c| c.unavailable.is_none()) {
+        eprintln!("warm-up {} ({:?})", c.name, args.warmup);
+        if let Err(e) = oha(&args, Load::Max, args.warmup, &c.url).await {
+            eprintln!("warm-up of {} failed: {e:#}", c.name);
+        }
+    }
+
+    let mut loads: Vec<Load> = args.rates.iter().map(|r| Load::Rate(*r)).collect();
+    loads.push(Load::Max);
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    for run in 1..=args.runs {
+        for load in &loads {
+            for c in chains.iter_mut() {
+                if c.unavailable.is_some() {
+                    continue;
+                }
+                match measure(&args, c, *load, run).await {
+                    Ok(s) => {
+                        eprintln!(
+                            "run {run} {:<8} {:<40} p50 {:.3} ms p99 {:.3} ms {:.0} req/s cpu {:?} µs/req",
+                            c.name,
+                            load.label(&args),
+                            s.p50_ms,
+                            s.p99_ms,
+                            s.rps,
+                            s.cpu_us
+                        );
+                        samples.push(s);
+                    }
+                    Err(e) => {
+                        eprintln!("!! run {run} {} {}: {e:#}", c.name, load.label(&args));
+                        if let Some(why) = c
+                            .proxies
+                            .iter_mut()
+                            .find_map(|(_, p)| p.check_alive().err())
+                        {
+                            c.unavailable = Some(format!("died during run {run}: {why:#}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("measurements took {:?}", started.elapsed());
+
+    let idle = match (&weft_env, args.idle_services) {
+        (_, 0) => None,
+        (Some(env), n) => Some(env.idle(&dir, n).await.map_err(|e| format!("{e:#}"))),
+        (None, _) => Some(Err("the weft chain was not set up".to_string())),
+    };
+
+    let report = report(&args, &chains, &loads, &samples, idle.as_ref());
+    println!("{report}");
+    if let Some(path) = &args.json {
+        let raw: Vec<Value> = samples
+            .iter()
+            .map(|s| {
+                json!({"chain": s.chain, "load": format!("{:?}", s.load), "run": s.run,
+                       "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms,
+                       "rps": s.rps, "requests": s.requests, "errors": s.errors,
+                       "cpu_us_per_req": s.cpu_us, "rss_kib": s.rss_kib})
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&raw)?)?;
+    }
+    drop(upstream);
+    drop(chains);
+    drop(weft_env);
+    if args.keep {
+        let kept = work.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    Ok(())
+}
+
+fn check_tool(path: &Path, arg: &str) -> anyhow::Result<()> {
+    let out = Command::new(path)
+        .arg(arg)
+        .output()
+        .with_context(|| format!("running {} {arg} (is it installed?)", path.display()))?;
+    if !out.status.success() {
+        bail!("{} {arg} failed: {}", path.display(), out.status);
+    }
+    Ok(())
+}
+
+/// Wait until `url` answers 200 with a 1 KiB body.
+async fn wait_http(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last;
+        match http.get(url).send().await {
+            Ok(r) if r.status().is_success() => {
+                let body = r.bytes().await?;
+                if body.len() == 1024 {
+                    return Ok(());
+                }
+                last = format!("body of {} bytes", body.len());
+            }
+            Ok(r) => {
+                last = format!(
+                    "status {}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )
+            }
+            Err(e) => last = format!("{e}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not answering 200 with 1 KiB after {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chains
+
+async fn floor_chain(
+    dir: &Path,
+    ids: &[weft_bench::IdentityFiles],
+    up_port: u16,
+) -> anyhow::Result<Chain> {
+    let (client, server) = (&ids[0], &ids[1]);
+    let (c_port, s_port) = (free_port(), free_port());
+    let tunnel = sibling_bin("bench-tunnel")?;
+    let mut cmd = Command::new(&tunnel);
+    cmd.arg("server")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{s_port}"))
+        .arg("--connect")
+        .arg(format!("127.0.0.1:{up_port}"))
+        .arg("--cert")
+        .arg(&server.chain)
+        .arg("--key")
+        .arg(&server.key)
+        .arg("--ca")
+        .arg(&server.root);
+    let s = Proc::spawn("tunnel server", cmd, dir.join("tunnel-server.log"))?;
+    let mut cmd = Command::new(&tunnel);
+    cmd.arg("client")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{c_port}"))
+        .arg("--connect")
+        .arg(format!("127.0.0.1:{s_port}"))
+        .arg("--cert")
+        .arg(&client.chain)
+        .arg("--key")
+        .arg(&client.key)
+        .arg("--ca")
+        .arg(&client.root)
+        .arg("--expect")
+        .arg(format!("spiffe://{}/server", weft_bench::MESH));
+    let c = Proc::spawn("tunnel client", cmd, dir.join("tunnel-client.log"))?;
+    let url = format!("http://127.0.0.1:{c_port}/");
+    let mut chain = Chain {
+        name: "floor",
+        url,
+        proxies: vec![("client", c), ("server", s)],
+        unavailable: None,
+    };
+    ready(&mut chain).await?;
+    Ok(chain)
+}
+
+/// Wait for the chain to answer; on failure, the error carries the proxies' logs.
+async fn ready(chain: &mut Chain) -> anyhow::Result<()> {
+    if let Err(e) = wait_http(&chain.url, Duration::from_secs(30)).await {
+        let mut msg = format!("{e:#}");
+        for (role, p) in chain.proxies.iter_mut() {
+            let alive = p
+                .check_alive()
+                .err()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            let _ = write!(msg, "\n--- {role} {}{alive}:\n{}", p.name, p.log_tail(20));
+        }
+        bail!(msg);
+    }
+    Ok(())
+}
+
+async fn haproxy_chain(
+    args: &Args,
+    dir: &Path,
+    ids: &[weft_bench::IdentityFiles],
+    up_port: u16,
+) -> anyhow::Result<Chain> {
+    check_tool(&args.haproxy, "-v")?;
+    let (client, server) = (&ids[0], &ids[1]);
+    let (c_port, s_port) = (free_port(), free_port());
+    let common = "global
+    nbthread 1
+    maxconn 4096
+    ssl-server-verify required
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+";
+    let client_cfg = format!(
+        "{common}
+frontend app_out
+    bind 127.0.0.1:{c_port}
+    default_backend mesh
+
+backend mesh
+    server server1 127.0.0.1:{s_port} ssl crt {crt} ca-file {ca} verify required ssl-min-ver TLSv1.3 alpn http/1.1
+",
+        crt = client.combined.display(),
+        ca = client.root.display()
+    );
+    let server_cfg = format!(
+        "{common}
+frontend mesh_in
+    bind 127.0.0.1:{s_port} ssl crt {crt} ca-file {ca} verify required ssl-min-ver TLSv1.3 alpn http/1.1
+    default_backend app
+
+backend app
+    server app1 127.0.0.1:{up_port}
+",
+        crt = server.combined.display(),
+        ca = server.root.display()
+    );
+    let mut procs = Vec::new();
+    for (role, cfg) in [("server", server_cfg), ("client", client_cfg)] {
+        let path = dir.join(format!("haproxy-{role}.cfg"));
+        std::fs::write(&path, cfg)?;
+        let check = Command::new(&args.haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output()?;
+        if !check.status.success() {
+            bail!(
+                "haproxy -c -f {}: {}{}",
+                path.display(),
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        let mut cmd = Command::new(&args.haproxy);
+        cmd.arg("-db").arg("-f").arg(&path);
+        procs.push((
+            role,
+            Proc::spawn(
+                &format!("haproxy {role}"),
+                cmd,
+                dir.join(format!("haproxy-{role}.log")),
+            )?,
+        ));
+    }
+    procs.reverse();
+    let mut chain = Chain {
+        name: "haproxy",
+        url: format!("http://127.0.0.1:{c_port}/"),
+        proxies: procs,
+        unavailable: None,
+    };
+    ready(&mut chain).await?;
+    Ok(chain)
+}
+
+/// weft's control plane for D2 and the idle check: a global (memory store), a zone with its
+/// data-plane API, the `default` mesh with builtin mTLS and a MeshTrafficPermission allowing
+/// everything.
+struct WeftEnv {
+    global: Global,
+    zone: Zone,
+    dp_api_port: u16,
+}
+
+impl WeftEnv {
+    async fn start(dir: &Path) -> anyhow::Result<WeftEnv> {
+        let _ = dir;
+        // weft-global and weft-zone are found next to this binary, like weft-dp.
+        sibling_bin("weft-global")?;
+        sibling_bin("weft-zone")?;
+        let global = Global::start(Backend::Memory).await?;
+        global
+            .api()
+            .apply(&[
+                json!({"type": "Mesh", "name": "default", "spec": {"mtls": {
+                    "enabledBackend": "ca-1",
+                    "backends": [{"name": "ca-1", "type": "builtin"}]}}}),
+                json!({"type": "MeshTrafficPermission", "name": "allow-all", "mesh": "default",
+                    "spec": {"targetRef": {"kind": "Mesh"},
+                             "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}}),
+            ])
+            .await?;
+        let dp_api_port = free_port();
+        let zone = Zone::join(
+            "zone-1",
+            &global,
+            &["--dataplane-address", &format!("127.0.0.1:{dp_api_port}")],
+        )
+        .await?;
+        // Wait for the mesh and the policy to reach the zone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mesh = zone.api().get("/meshes/default").await.ok().flatten();
+            let mtp = zone
+                .api()
+                .get("/meshes/default/meshtrafficpermissions/allow-all")
+                .await
+                .ok()
+                .flatten();
+            if mesh.is_some_and(|m| !m["spec"]["mtls"].is_null()) && mtp.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("mesh and policy not synced to the zone after 30s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(WeftEnv {
+            global,
+            zone,
+            dp_api_port,
+        })
+    }
+
+    async fn token(&self, name: &str, service: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+        let r = self
+            .global
+            .req(Method::POST, "/_tokens/dataplane")
+            .json(&json!({"mesh": "default", "name": name, "service": service, "validFor": "24h"}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST /_tokens/dataplane: {status}: {body}");
+        }
+        let token = body["token"].as_str().context("no token")?;
+        let path = dir.join(format!("{name}.token"));
+        std::fs::write(&path, token)?;
+        Ok(path)
+    }
+
+    /// Start `weft-dp run` for `dataplane` (YAML); waits for `/ready`.
+    async fn dp(
+        &self,
+        dir: &Path,
+        name: &str,
+        service: &str,
+        dataplane: &str,
+    ) -> anyhow::Result<(Proc, u16)> {
+        let bin = sibling_bin("weft-dp")?;
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, dataplane)?;
+        let token = self.token(name, service, dir).await?;
+        let admin = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--zone-address")
+            .arg(format!("https://127.0.0.1:{}", self.dp_api_port))
+            .arg("--zone-ca-file")
+            .arg(self.zone.data_dir.path().join("dataplane-ca.pem"))
+            .arg("--dataplane-file")
+            .arg(&file)
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--admin-address")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--log-level")
+            .arg("warn");
+        let mut p = Proc::spawn(
+            &format!("weft-dp {name}"),
+            cmd,
+            dir.join(format!("weft-dp-{name}.log")),
+        )?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            p.check_alive()?;
+            if let Ok(r) = http
+                .get(format!("http://127.0.0.1:{admin}/ready"))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Ok((p, admin));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "weft-dp {name}: /ready not 200 after 60s; log:\n{}\nzone log tail:\n{}",
+                    p.log_tail(30),
+                    tail(&self.zone.logs(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn pair(&self, dir: &Path, up_port: u16) -> anyhow::Result<Chain> {
+        let (si, ci, cs, co) = (free_port(), free_port(), free_port(), free_port());
+        let server = format!(
+            "type: Dataplane
+name: server-1
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {si}
+        servicePort: {up_port}
+        tags: {{weft.io/service: server}}
+        protocol: http
+"
+        );
+        let client = format!(
+            "type: Dataplane
+name: client-1
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {ci}
+        servicePort: {cs}
+        tags: {{weft.io/service: client}}
+        protocol: http
+    outbound:
+      - port: {co}
+        tags: {{weft.io/service: server}}
+"
+        );
+        let (s, _) = self.dp(dir, "server-1", "server", &server).await?;
+        let (c, _) = self.dp(dir, "client-1", "client", &client).await?;
+        let mut chain = Chain {
+            name: "D2",
+            url: format!("http://127.0.0.1:{co}/"),
+            proxies: vec![("client", c), ("server", s)],
+            unavailable: None,
+        };
+        ready(&mut chain).await?;
+        Ok(chain)
+    }
+
+    /// The idle check: `n` services registered in the zone (one Dataplane each, through the
+    /// zone's REST API), one weft-dp with an outbound to each; its VmRSS once ready.
+    async fn idle(&self, dir: &Path, n: usize) -> anyhow::Result<Idle> {
+        let docs: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"type": "Dataplane", "name": format!("svc-{i:04}-1"), "mesh": "default",
+                       "spec": {"networking": {"address": "127.0.0.1", "inbound": [
+                           {"port": 20000 + i, "tags": {"weft.io/service": format!("svc-{i:04}")},
+                            "protocol": "http"}]}}})
+            })
+            .collect();
+        for chunk in docs.chunks(250) {
+            self.zone
+                .api()
+                .apply(chunk)
+                .await
+                .context("registering the services' Dataplanes on the zone")?;
+        }
+        let mut yaml = format!(
+            "type: Dataplane
+name: idle-1
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {}
+        servicePort: {}
+        tags: {{weft.io/service: idle}}
+        protocol: http
+    outbound:
+",
+            free_port(),
+            free_port()
+        );
+        for i in 0..n {
+            let _ = writeln!(
+                yaml,
+                "      - port: {}\n        tags: {{weft.io/service: svc-{i:04}}}",
+                free_port()
+            );
+        }
+        let (p, admin) = self.dp(dir, "idle-1", "idle", &yaml).await?;
+        // Let it settle (first full update applied, allocator quiet).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss_ready = rss_kib(p.pid())?;
+        let config = reqwest::get(format!("http://127.0.0.1:{admin}/config"))
+            .await
+            .ok();
+        let config = match config {
+            Some(r) => r.text().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        let (services, with_endpoints) = count_services(&config);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss_later = rss_kib(p.pid())?;
+        Ok(Idle {
+            services: n,
+            rss_ready_kib: rss_ready,
+            rss_later_kib: rss_later,
+            config_services: services,
+            config_with_endpoints: with_endpoints,
+        })
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// From weft-dp's `/config` JSON: how many services it holds, and how many have endpoints
+/// (`None` when the document does not have that shape).
+fn count_services(config: &str) -> (Option<usize>, Option<usize>) {
+    let Ok(v) = serde_json::from_str::<Value>(config) else {
+        return (None, None);
+    };
+    let services = &v["services"];
+    let list: Vec<&Value> = match services {
+        Value::Object(m) => m.values().collect(),
+        Value::Array(a) => a.iter().collect(),
+        _ => return (None, None),
+    };
+    let with = list
+        .iter()
+        .filter(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()))
+        .count();
+    (Some(list.len()), Some(with))
+}
+
+struct Idle {
+    services: usize,
+    rss_ready_kib: u64,
+    rss_later_kib: u64,
+    config_services: Option<usize>,
+    config_with_endpoints: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring
+
+async fn oha(args: &Args, load: Load, duration: Duration, url: &str) -> anyhow::Result<Value> {
+    let mut cmd = tokio::process::Command::new(&args.oha);
+    cmd.arg("--no-tui")
+        .arg("--output-format")
+        .arg("json")
+        .arg("-z")
+        .arg(format!("{}ms", duration.as_millis()))
+        .arg("--wait-ongoing-requests-after-deadline");
+    match load {
+        Load::Rate(r) => {
+            cmd.arg("-q")
+                .arg(r.to_string())
+                .arg("--latency-correction")
+                .arg("-c")
+                .arg(args.rate_connections.to_string());
+        }
+        Load::Max => {
+            cmd.arg("-c").arg(args.max_connections.to_string());
+        }
+    }
+    cmd.arg(url);
+    let out = cmd.output().await.context("running oha")?;
+    if !out.status.success() {
+        bail!(
+            "oha failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "oha output is not JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+async fn measure(args: &Args, c: &mut Chain, load: Load, run: usize) -> anyhow::Result<Sample> {
+    for (_, p) in c.proxies.iter_mut() {
+        p.check_alive()?;
+    }
+    let before: Vec<u64> = c
+        .proxies
+        .iter()
+        .map(|(_, p)| cpu_ticks(p.pid()))
+        .collect::<anyhow::Result<_>>()?;
+    let v = oha(args, load, args.duration, &c.url).await?;
+    let after: Vec<u64> = c
+        .proxies
+        .iter()
+        .map(|(_, p)| cpu_ticks(p.pid()))
+        .collect::<anyhow::Result<_>>()?;
+
+    let ok: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.starts_with('2'))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let all: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let errors: u64 = (all - ok)
+        + v["errorDistribution"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
+            .unwrap_or(0);
+    if ok == 0 {
+        bail!("no successful request: {v}");
+    }
+    let pct = |k: &str| -> anyhow::Result<f64> {
+        Ok(v["latencyPercentiles"][k]
+            .as_f64()
+            .with_context(|| format!("no latencyPercentiles.{k} in {v}"))?
+            * 1000.0)
+    };
+    let elapsed = v["summary"]["total"]
+        .as_f64()
+        .unwrap_or(args.duration.as_secs_f64());
+    let us_per_tick = 1e6 / ticks_per_second() as f64;
+    let mut cpu_us = BTreeMap::new();
+    let mut rss = BTreeMap::new();
+    for (i, (role, p)) in c.proxies.iter().enumerate() {
+        cpu_us.insert(
+            *role,
+            (after[i] - before[i]) as f64 * us_per_tick / ok as f64,
+        );
+        rss.insert(*role, rss_kib(p.pid())?);
+    }
+    Ok(Sample {
+        chain: c.name,
+        load,
+        run,
+        p50_ms: pct("p50")?,
+        p90_ms: pct("p90")?,
+        p99_ms: pct("p99")?,
+        rps: ok as f64 / elapsed,
+        requests: ok,
+        errors,
+        cpu_us,
+        rss_kib: rss,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Medians across runs of one chain at one load.
+struct Row {
+    runs: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    rps: f64,
+    errors: u64,
+    cpu: BTreeMap<&'static str, f64>,
+    pair: Option<f64>,
+    rss_mib: BTreeMap<&'static str, f64>,
+}
+
+fn row(samples: &[&Sample]) -> Row {
+    let m = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(|s| f(s)).collect());
+    let roles: Vec<&'static str> = samples
+        .first()
+        .map(|s| s.cpu_us.keys().copied().collect())
+        .unwrap_or_default();
+    let cpu = roles.iter().map(|r| (*r, m(&|s| s.cpu_us[r]))).collect();
+    let pair = (!roles.is_empty()).then(|| m(&|s| s.cpu_us.values().sum()));
+    let rss_mib = roles
+        .iter()
+        .map(|r| {
+            let max = samples.iter().map(|s| s.rss_kib[r]).max().unwrap_or(0);
+            (*r, max as f64 / 1024.0)
+        })
+        .collect();
+    Row {
+        runs: samples.len(),
+        p50: m(&|s| s.p50_ms),
+        p90: m(&|s| s.p90_ms),
+        p99: m(&|s| s.p99_ms),
+        rps: m(&|s| s.rps),
+        errors: samples.iter().map(|s| s.errors).sum(),
+        cpu,
+        pair,
+        rss_mib,
+    }
+}
+
+fn report(
+    args: &Args,
+    chains: &[Chain],
+    loads: &[Load],
+    samples: &[Sample],
+    idle: Option<&Result<Idle, String>>,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "bench-proxy: {} run(s) per chain and load, alternating; {:?} per measurement; HTTP/1.1 keep-alive, 1 KiB responses; \
+         latency by oha (fixed rates: -q with --latency-correction); medians across runs; RSS: max VmRSS after a measurement",
+        args.runs, args.duration
+    );
+    let _ = writeln!(
+        out,
+        "CPU: utime+stime from /proc/<pid>/stat ({} ticks/s) per successful request; all processes share {} cores with the load generator",
+        ticks_per_second(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for c in chains {
+        if let Some(why) = &c.unavailable {
+            let _ = writeln!(out, "\n!! {} did not run: {}", c.name, first_lines(why, 12));
+        }
+    }
+    // load -> chain -> row
+    let mut rows: BTreeMap<Load, BTreeMap<&str, Row>> = BTreeMap::new();
+    for load in loads {
+        for c in chains {
+            let s: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.load == *load && s.chain == c.name)
+                .collect();
+            if !s.is_empty() {
+                rows.entry(*load).or_default().insert(c.name, row(&s));
+            }
+        }
+    }
+    for load in loads {
+        let _ = writeln!(out, "\n## {}", load.label(args));
+        let _ = writeln!(
+            out,
+            "| chain | runs | p50 ms | p90 ms | p99 ms | added p50 ms | req/s | errors | CPU µs/req client | CPU µs/req server | CPU µs/req pair | RSS MiB client | RSS MiB server |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let Some(by_chain) = rows.get(load) else {
+            continue;
+        };
+        let d0 = by_chain.get("D0").map(|r| r.p50);
+        for c in chains {
+            let Some(r) = by_chain.get(c.name) else {
+                let _ = writeln!(out, "| {} | 0 | did not run | | | | | | | | | | |", c.name);
+                continue;
+            };
+            let f = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
+            let added = d0.filter(|_| c.name != "D0").map(|d| r.p50 - d);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                c.name,
+                r.runs,
+                r.p50,
+                r.p90,
+                r.p99,
+                f(added, 3),
+                r.rps,
+                r.errors,
+                f(r.cpu.get("client").copied(), 1),
+                f(r.cpu.get("server").copied(), 1),
+                f(r.pair, 1),
+                f(r.rss_mib.get("client").copied(), 1),
+                f(r.rss_mib.get("server").copied(), 1),
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n## Goals");
+    for load in loads {
+        let by_chain = rows.get(load);
+        let get = |n: &str| by_chain.and_then(|m| m.get(n));
+        let label = load.label(args);
+        match (get("D2"), get("haproxy")) {
+            (Some(w), Some(h)) => {
+                let (wp, hp) = (w.pair.unwrap_or(f64::NAN), h.pair.unwrap_or(f64::NAN));
+                let _ = writeln!(
+                    out,
+                    "- {label}: CPU/req weft pair {wp:.1} µs vs HAProxy pair {hp:.1} µs: ratio {:.2} (goal <= 0.50): {}",
+                    wp / hp,
+                    pass(wp <= 0.5 * hp)
+                );
+                if let Some(d0) = get("D0") {
+                    let (wa, ha) = (w.p50 - d0.p50, h.p50 - d0.p50);
+                    let _ = writeln!(
+                        out,
+                        "- {label}: added p50 weft {wa:.3} ms vs HAProxy {ha:.3} ms (goal: weft < HAProxy): {}",
+                        pass(wa < ha)
+                    );
+                }
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "- {label}: not checked: D2 or haproxy has no measurement"
+                );
+            }
+        }
+    }
+    match idle {
+        None => {
+            let _ = writeln!(out, "- idle weft-dp RSS: not measured (--idle-services 0)");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                out,
+                "- idle weft-dp RSS with {} services: did not run: {}",
+                args.idle_services,
+                first_lines(e, 12)
+            );
+        }
+        Some(Ok(i)) => {
+            let mb = i.rss_later_kib.max(i.rss_ready_kib) as f64 * 1024.0 / 1e6;
+            let cfg = match (i.config_services, i.config_with_endpoints) {
+                (Some(s), Some(e)) => {
+                    format!("its /config lists {s} services, {e} of them with endpoints")
+                }
+                _ => "its /config did not list services in a shape this benchmark reads".into(),
+            };
+            let _ = writeln!(
+                out,
+                "- idle weft-dp with outbounds to {} services (registered as Dataplanes through the zone's API; {cfg}): VmRSS {} KiB when ready, {} KiB 5 s later = {mb:.2} MB (goal < 10 MB): {}",
+                i.services,
+                i.rss_ready_kib,
+                i.rss_later_kib,
+                pass(mb < 10.0)
+            );
+        }
+    }
+    out
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+fn first_lines(s: &str, n: usize) -> String {
+    s.lines().take(n).collect::<Vec<_>>().join("\n   ")
+}
