@@ -77,6 +77,20 @@ impl Identity {
         self.held.read().unwrap().get(mesh).map(|h| h.ca.clone())
     }
 
+    /// Hold `ca` for its mesh as if global had just signed it for `backend`: for tests and
+    /// tools that make an intermediate in-process (e.g. from a `pki::RootCa`).
+    pub fn insert(&self, ca: IntermediateCa, backend: &str) {
+        let renew_at = pki::renew_at(SystemTime::now(), ca.not_after());
+        self.held.write().unwrap().insert(
+            ca.mesh().to_string(),
+            Held {
+                ca: Arc::new(ca),
+                backend: backend.to_string(),
+                renew_at,
+            },
+        );
+    }
+
     /// The public half of every intermediate held, by mesh.
     pub fn public(&self) -> Vec<Public> {
         self.held

@@ -1,0 +1,734 @@
+//! The data-plane API end to end: an in-process zone on loopback, a real tonic client over
+//! real TLS (trusting the zone's `dataplane-ca.pem`), token trust and an intermediate CA
+//! installed in-process, and the REST API read with a real HTTP client.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use weft_core::pki::{self, IntermediateCa, RootCa};
+use weft_core::store::{Memory, Store};
+use weft_core::token::SigningKey;
+use weft_core::{Kind, ORIGIN_LABEL, Resource};
+use weft_proto::dataplane::v1 as pb;
+use weft_proto::kds::v1::GetTrustResponse;
+use weft_zone::{Config, Links, Listeners, identity, kds, trust};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Zone {
+    url: String,
+    dp_address: String,
+    ca_file: PathBuf,
+    data_dir: tempfile::TempDir,
+    admin: String,
+    store: Arc<dyn Store>,
+    key: SigningKey,
+    trust: Arc<trust::Trust>,
+    root: RootCa,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for Zone {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn global_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(ORIGIN_LABEL.to_string(), "global".to_string())])
+}
+
+/// Mesh `default` with builtin mTLS (workload certificates for 2h) and mesh `plain` without.
+fn meshes() -> Vec<Resource> {
+    vec![
+        Resource::new(
+            Kind::Mesh,
+            None,
+            "default",
+            global_labels(),
+            json!({"mtls": {"enabledBackend": "ca-1", "backends": [
+                {"name": "ca-1", "type": "builtin", "dpCert": {"rotation": {"expiration": "2h"}}}
+            ]}}),
+        )
+        .unwrap(),
+        Resource::new(Kind::Mesh, None, "plain", global_labels(), json!({})).unwrap(),
+    ]
+}
+
+struct Opts {
+    warmup: Duration,
+    trust: bool,
+    data_dir: Option<tempfile::TempDir>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            warmup: Duration::ZERO,
+            trust: true,
+            data_dir: None,
+        }
+    }
+}
+
+/// Zone `east` with both APIs on `127.0.0.1:0`.
+async fn start(opts: Opts) -> Zone {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = opts.data_dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::new("east")
+    };
+    cfg.dataplane.warmup = opts.warmup;
+    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    store.apply(meshes(), false).await.unwrap();
+
+    let key = SigningKey::generate();
+    let trust = trust::Trust::new();
+    if opts.trust {
+        trust
+            .set(GetTrustResponse {
+                token_keys: vec![key.public().as_bytes().to_vec()],
+                revoked_ids: vec![],
+            })
+            .unwrap();
+    }
+    let root = RootCa::generate("default", Duration::from_secs(10 * 86400)).unwrap();
+    let identity = identity::Identity::new("east");
+    let ca_key = pki::new_key().unwrap();
+    let csr = pki::intermediate_csr("default", "east", &ca_key).unwrap();
+    let cert = root
+        .sign_intermediate(&csr, "east", Duration::from_secs(5 * 86400))
+        .unwrap();
+    identity.insert(
+        IntermediateCa::from_pem(&cert, &ca_key, root.cert_pem()).unwrap(),
+        "ca-1",
+    );
+
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", api.local_addr().unwrap());
+    let dp_address = format!("https://127.0.0.1:{}", dp.local_addr().unwrap().port());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(weft_zone::serve_with(
+        cfg,
+        store.clone(),
+        Listeners {
+            api,
+            dataplane: Some(dp),
+        },
+        shutdown.clone(),
+        Links {
+            kds: None,
+            identity,
+            trust: trust.clone(),
+        },
+    ));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT * 2;
+    while !matches!(http.get(format!("{url}/readyz")).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "zone did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = std::fs::read_to_string(dir.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Zone {
+        url,
+        dp_address,
+        ca_file: dir.path().join("dataplane-ca.pem"),
+        data_dir: dir,
+        admin,
+        store,
+        key,
+        trust,
+        root,
+        shutdown,
+        task,
+    }
+}
+
+impl Zone {
+    fn token(&self, mesh: &str, name: &str, service: &str) -> String {
+        self.key
+            .issue_dataplane(mesh, name, service, Duration::from_secs(3600), SystemTime::now())
+            .unwrap()
+            .0
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn inspect(&self, name: &str) -> Value {
+        let (_, v) = self.get("/_inspect/dataplanes").await;
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {v}"))
+            .clone()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Open a stream and send `hello` (or `first` instead).
+    async fn open(&self, first: pb::proxy_message::Msg) -> Result<Proxy, tonic::Status> {
+        let channel = kds::connect(&self.dp_address, &kds::Trust::CaFile(self.ca_file.clone()))
+            .await
+            .unwrap();
+        let mut client =
+            pb::dataplane_discovery_client::DataplaneDiscoveryClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(pb::ProxyMessage { msg: Some(first) }).await.unwrap();
+        let rx = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Proxy { tx, rx })
+    }
+
+    async fn register(&self, dp: &str, has_config: bool) -> (Proxy, pb::Registered) {
+        let doc: Value = serde_saphyr_free(dp);
+        let (mesh, name) = (doc["mesh"].as_str().unwrap(), doc["name"].as_str().unwrap());
+        let service = doc["spec"]["networking"]["inbound"][0]["tags"]["weft.io/service"]
+            .as_str()
+            .unwrap();
+        let hello = pb::Hello {
+            token: self.token(mesh, name, service),
+            dataplane: dp.to_string(),
+            version: "test-1".to_string(),
+            has_config,
+        };
+        let mut p = self
+            .open(pb::proxy_message::Msg::Hello(hello))
+            .await
+            .unwrap_or_else(|s| panic!("{name}: {s:?}"));
+        match p.next().await {
+            pb::zone_message::Msg::Registered(r) => (p, r),
+            other => panic!("expected Registered, got {other:?}"),
+        }
+    }
+
+    async fn refused(&self, hello: pb::Hello) -> tonic::Status {
+        match self.open(pb::proxy_message::Msg::Hello(hello)).await {
+            Err(s) => s,
+            Ok(mut p) => match p.rx.message().await {
+                Err(s) => s,
+                Ok(m) => panic!("expected a refusal, got {m:?}"),
+            },
+        }
+    }
+}
+
+/// The test documents are JSON, so no YAML parser is needed to read their names.
+fn serde_saphyr_free(dp: &str) -> Value {
+    serde_json::from_str(dp).unwrap()
+}
+
+struct Proxy {
+    tx: mpsc::Sender<pb::ProxyMessage>,
+    rx: tonic::Streaming<pb::ZoneMessage>,
+}
+
+impl Proxy {
+    async fn next(&mut self) -> pb::zone_message::Msg {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a message from the zone in time")
+            .expect("the stream is healthy")
+            .expect("the stream is open")
+            .msg
+            .expect("a message body")
+    }
+
+    async fn update(&mut self) -> pb::Update {
+        match self.next().await {
+            pb::zone_message::Msg::Update(u) => u,
+            other => panic!("expected an Update, got {other:?}"),
+        }
+    }
+
+    /// Nothing arrives for `d`.
+    async fn quiet(&mut self, d: Duration) {
+        if let Ok(m) = tokio::time::timeout(d, self.rx.message()).await {
+            panic!("expected nothing, got {m:?}");
+        }
+    }
+
+    async fn send(&self, msg: pb::proxy_message::Msg) {
+        self.tx
+            .send(pb::ProxyMessage { msg: Some(msg) })
+            .await
+            .unwrap();
+    }
+}
+
+/// A Dataplane (JSON) serving `serves` on `port` and calling `calls`.
+fn mk_dataplane(mesh: &str, name: &str, serves: &str, port: u16, calls: &[&str]) -> String {
+    let outbound: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"port": 15000 + i, "tags": {"weft.io/service": s}}))
+        .collect();
+    json!({
+        "type": "Dataplane", "mesh": mesh, "name": name,
+        "spec": {"networking": {
+            "address": "10.0.0.1",
+            "advertisedAddress": format!("192.168.0.{}", port % 200),
+            "inbound": [{"port": port, "tags": {"weft.io/service": serves, "version": "v1"}, "protocol": "http"}],
+            "outbound": outbound,
+        }}
+    })
+    .to_string()
+}
+
+fn services(u: &pb::Update) -> BTreeMap<String, &pb::ServiceEndpoints> {
+    u.services.iter().map(|s| (s.service.clone(), s)).collect()
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn refused_hellos_name_the_cause() {
+    let z = start(Opts {
+        trust: false,
+        ..Opts::default()
+    })
+    .await;
+    let web = mk_dataplane("default", "web-1", "web", 8080, &[]);
+    let hello = |token: String, dp: &str| pb::Hello {
+        token,
+        dataplane: dp.to_string(),
+        version: "t".into(),
+        has_config: false,
+    };
+
+    // No trust from global yet: the zone says so.
+    let s = z.refused(hello(z.token("default", "web-1", "web"), &web)).await;
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("has not obtained the token keys from global"), "{s:?}");
+    z.trust
+        .set(GetTrustResponse {
+            token_keys: vec![z.key.public().as_bytes().to_vec()],
+            revoked_ids: vec![],
+        })
+        .unwrap();
+
+    // Not a Hello first.
+    let s = match z.open(pb::proxy_message::Msg::Ack(pb::Ack { nonce: 1 })).await {
+        Err(s) => s,
+        Ok(_) => panic!("an Ack first was accepted"),
+    };
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("must be Hello, got Ack"), "{s:?}");
+
+    // An invalid Dataplane names the field.
+    let bad = json!({"type": "Dataplane", "mesh": "default", "name": "web-1",
+        "spec": {"networking": {"address": "10.0.0.1", "inbound": []}}})
+    .to_string();
+    let s = z.refused(hello(z.token("default", "web-1", "web"), &bad)).await;
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("spec.networking.inbound"), "{s:?}");
+    let s = z.refused(hello(z.token("default", "web-1", "web"), "type: Mesh\nname: x\n")).await;
+    assert!(s.message().contains("expected Dataplane"), "{s:?}");
+
+    // An unknown mesh.
+    let nope = mk_dataplane("nope", "web-1", "web", 8080, &[]);
+    let s = z.refused(hello(z.token("nope", "web-1", "web"), &nope)).await;
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(s.message().contains("mesh \"nope\" does not exist in zone east"), "{s:?}");
+
+    // Token problems: missing, expired, revoked, other mesh, other name, other service.
+    let unauth = |s: tonic::Status, want: &str| {
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+        assert!(s.message().contains(want), "want {want:?} in {s:?}");
+    };
+    unauth(z.refused(hello(String::new(), &web)).await, "missing dataplane token");
+    let expired = z
+        .key
+        .issue_dataplane(
+            "default",
+            "web-1",
+            "web",
+            Duration::from_secs(60),
+            SystemTime::now() - Duration::from_secs(3600),
+        )
+        .unwrap()
+        .0;
+    unauth(z.refused(hello(expired, &web)).await, "expired at");
+    unauth(
+        z.refused(hello(z.token("plain", "web-1", "web"), &web)).await,
+        "issued for mesh \"plain\"",
+    );
+    unauth(
+        z.refused(hello(z.token("default", "web-2", "web"), &web)).await,
+        "issued for dataplane \"web-2\"",
+    );
+    unauth(
+        z.refused(hello(z.token("default", "web-1", "api"), &web)).await,
+        "issued for service \"api\"",
+    );
+    let two = json!({"type": "Dataplane", "mesh": "default", "name": "web-1",
+        "spec": {"networking": {"address": "10.0.0.1", "inbound": [
+            {"port": 8080, "tags": {"weft.io/service": "web"}},
+            {"port": 8081, "tags": {"weft.io/service": "admin"}}]}}})
+    .to_string();
+    unauth(
+        z.refused(hello(z.token("default", "web-1", "web"), &two)).await,
+        "spec.networking.inbound[1].tags.weft.io/service: \"admin\" is not the token's service",
+    );
+    let (revoked, claims) = z
+        .key
+        .issue_dataplane("default", "web-1", "web", Duration::from_secs(60), SystemTime::now())
+        .unwrap();
+    z.trust
+        .set(GetTrustResponse {
+            token_keys: vec![z.key.public().as_bytes().to_vec()],
+            revoked_ids: vec![claims.jti],
+        })
+        .unwrap();
+    unauth(z.refused(hello(revoked, &web)).await, "was revoked");
+    // Nothing refused reached the store.
+    assert!(
+        z.store
+            .get(&weft_core::Key::new(Kind::Dataplane, Some("default"), "web-1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(z.metrics().await.contains("weft_dataplane_sessions_refused_total 12"));
+}
+
+#[tokio::test]
+async fn full_update_then_per_service_deltas_and_withdrawal() {
+    let z = start(Opts::default()).await;
+    let (mut web, reg) = z
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api", "db"]), false)
+        .await;
+    assert_eq!(
+        (reg.zone.as_str(), reg.mesh.as_str(), reg.name.as_str(), reg.mtls),
+        ("east", "default", "web-1", true)
+    );
+    let first = web.update().await;
+    assert!(first.full);
+    let view: Value = serde_json::from_str(first.view_json.as_deref().unwrap()).unwrap();
+    assert_eq!(view["dataplane"], "web-1");
+    assert_eq!(view["mtls"], true);
+    let s = services(&first);
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["api", "db"]);
+    assert!(s.values().all(|s| s.endpoints.is_empty()));
+
+    // The registered Dataplane is in the store, stamped as this zone's.
+    let stored = z
+        .store
+        .get(&weft_core::Key::new(Kind::Dataplane, Some("default"), "web-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.labels["weft.io/zone"], "east");
+    assert_eq!(stored.labels["weft.io/origin"], "zone");
+
+    // api-1 registers: web-1 gets api's endpoints only, and no view.
+    let (mut api, _) = z
+        .register(&mk_dataplane("default", "api-1", "api", 9090, &[]), false)
+        .await;
+    assert!(api.update().await.full);
+    let delta = web.update().await;
+    assert!(!delta.full);
+    assert_eq!(delta.view_json, None);
+    assert!(delta.removed_services.is_empty());
+    let s = services(&delta);
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["api"]);
+    assert_eq!(s["api"].protocol, "http");
+    let e = &s["api"].endpoints[0];
+    assert_eq!(
+        (e.address.as_str(), e.port, e.dataplane.as_str(), e.zone.as_str(), e.weight),
+        ("192.168.0.90", 9090, "api-1", "east", 1)
+    );
+    assert_eq!(e.tags["version"], "v1");
+
+    // An unrelated service's proxy changes nothing for web-1.
+    let (_other, _) = z
+        .register(&mk_dataplane("default", "other-1", "other", 7070, &[]), false)
+        .await;
+    web.quiet(Duration::from_millis(300)).await;
+
+    // ACK and NACK are recorded and visible.
+    web.send(pb::proxy_message::Msg::Ack(pb::Ack { nonce: first.nonce })).await;
+    web.send(pb::proxy_message::Msg::Nack(pb::Nack {
+        nonce: delta.nonce,
+        reason: "services[api]: no route to 192.168.0.90".into(),
+    }))
+    .await;
+    eventually("the NACK in /_inspect/dataplanes", || async {
+        z.inspect("web-1").await["lastNack"]["reason"] == "services[api]: no route to 192.168.0.90"
+    })
+    .await;
+    let item = z.inspect("web-1").await;
+    assert_eq!(item["status"], "online");
+    assert_eq!(item["service"], "web");
+    assert_eq!(item["zone"], "east");
+    assert_eq!(item["version"], "test-1");
+    assert_eq!(item["lastAckedNonce"], first.nonce);
+    assert_eq!(item["lastSentNonce"], delta.nonce);
+    assert_eq!(item["lastNack"]["nonce"], delta.nonce);
+    let (status, cfg) = z.get("/_inspect/dataplanes/default/web-1/config").await;
+    assert_eq!(status, 200);
+    assert_eq!(cfg["view"]["dataplane"], "web-1");
+    assert_eq!(cfg["services"]["api"]["endpoints"][0]["dataplane"], "api-1");
+    let (status, err) = z.get("/_inspect/dataplanes/default/ghost/config").await;
+    assert_eq!(status, 404);
+    assert!(err["detail"].as_str().unwrap().contains("\"ghost\""), "{err}");
+    let m = z.metrics().await;
+    assert!(m.contains("weft_dataplane_connected 3"), "{m}");
+    assert!(m.contains("weft_dataplane_nacks_total 1"), "{m}");
+
+    // api-1's stream drops: its endpoints are withdrawn at once, and it shows offline.
+    drop(api);
+    let gone = web.update().await;
+    let s = services(&gone);
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["api"]);
+    assert!(s["api"].endpoints.is_empty());
+    eventually("api-1 offline", || async {
+        z.inspect("api-1").await["status"] == "offline"
+    })
+    .await;
+
+    // The Dataplane changed through the REST API: web-1 stops calling db.
+    let changed = mk_dataplane("default", "web-1", "web", 8080, &["api"]);
+    let r = reqwest::Client::new()
+        .put(format!("{}/meshes/default/dataplanes/web-1", z.url))
+        .bearer_auth(&z.admin)
+        .header("content-type", "application/json")
+        .body(changed)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let u = web.update().await;
+    assert_eq!(u.removed_services, ["db"]);
+    assert!(u.view_json.is_some(), "the outbounds are in the view");
+}
+
+#[tokio::test]
+async fn a_policy_change_sends_a_new_view_quickly() {
+    let z = start(Opts::default()).await;
+    let (mut web, _) = z
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api"]), false)
+        .await;
+    let first = web.update().await;
+    assert!(!first.view_json.unwrap().contains("MeshTrafficPermission"));
+
+    let mtp = Resource::new(
+        Kind::MeshTrafficPermission,
+        Some("default"),
+        "allow-all",
+        global_labels(),
+        json!({"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}),
+    )
+    .unwrap();
+    let at = Instant::now();
+    z.store.apply(vec![mtp], false).await.unwrap();
+    let u = web.update().await;
+    assert!(at.elapsed() < Duration::from_secs(1), "took {:?}", at.elapsed());
+    assert!(!u.full);
+    assert!(u.services.is_empty(), "no endpoint changed: {u:?}");
+    let view: Value = serde_json::from_str(u.view_json.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        view["inbounds"][0]["from"]["MeshTrafficPermission"][0]["conf"]["action"],
+        "Allow",
+        "{view}"
+    );
+    // A policy of another mesh changes nothing here.
+    let other = Resource::new(
+        Kind::MeshTrafficPermission,
+        Some("plain"),
+        "allow-all",
+        global_labels(),
+        json!({"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Deny"}}]}),
+    )
+    .unwrap();
+    z.store.apply(vec![other], false).await.unwrap();
+    web.quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
+    let z = start(Opts::default()).await;
+    let (mut web, _) = z
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &[]), false)
+        .await;
+    web.update().await;
+    let key = pki::new_key().unwrap();
+    // The CSR asks for another service: the zone decides the identity.
+    let csr = pki::workload_csr("default", "admin", &key).unwrap();
+    web.send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
+        csr_pem: csr,
+    }))
+    .await;
+    let cert = match web.next().await {
+        pb::zone_message::Msg::Certificate(c) => c,
+        other => panic!("expected a Certificate, got {other:?}"),
+    };
+    assert_eq!(cert.roots_pem, [z.root.cert_pem().to_string()]);
+    let id = pki::verify_workload_pem(&cert.chain_pem, &cert.roots_pem[0], SystemTime::now())
+        .unwrap();
+    assert_eq!(id.to_string(), "spiffe://default/web");
+    // The Mesh says 2h.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let left = cert.not_after_unix - now;
+    assert!((7000..=7300).contains(&left), "{left}s");
+    eventually("certExpires in /_inspect", || async {
+        z.inspect("web-1").await["certExpires"].is_string()
+    })
+    .await;
+    let (_, cfg) = z.get("/_inspect/dataplanes/default/web-1/config").await;
+    assert_eq!(cfg["certificate"]["spiffeId"], "spiffe://default/web");
+
+    // A bad CSR.
+    web.send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
+        csr_pem: "not a csr".into(),
+    }))
+    .await;
+    match web.next().await {
+        pb::zone_message::Msg::CertificateError(e) => assert!(e.reason.contains("CSR"), "{e:?}"),
+        other => panic!("expected a CertificateError, got {other:?}"),
+    }
+
+    // mTLS off.
+    let (mut plain, reg) = z
+        .register(&mk_dataplane("plain", "p-1", "p", 8080, &[]), false)
+        .await;
+    assert!(!reg.mtls);
+    plain.update().await;
+    plain
+        .send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
+            csr_pem: pki::workload_csr("plain", "p", &key).unwrap(),
+        }))
+        .await;
+    match plain.next().await {
+        pb::zone_message::Msg::CertificateError(e) => {
+            assert!(e.reason.contains("mTLS off"), "{e:?}")
+        }
+        other => panic!("expected a CertificateError, got {other:?}"),
+    }
+    assert!(z.metrics().await.contains("weft_dataplane_certificates_issued_total 1"));
+}
+
+#[tokio::test]
+async fn a_second_session_replaces_the_first() {
+    let z = start(Opts::default()).await;
+    let dp = mk_dataplane("default", "web-1", "web", 8080, &[]);
+    let (mut a, _) = z.register(&dp, false).await;
+    a.update().await;
+    let (mut b, _) = z.register(&dp, false).await;
+    assert!(b.update().await.full);
+    let s = tokio::time::timeout(WAIT, a.rx.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Aborted);
+    assert!(s.message().contains("replaced by a newer session"), "{s:?}");
+    // The old stream's end does not take the new one offline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(z.inspect("web-1").await["status"], "online");
+}
+
+#[tokio::test]
+async fn warm_up_holds_only_sessions_that_have_a_config() {
+    let z = start(Opts {
+        warmup: Duration::from_millis(1500),
+        ..Opts::default()
+    })
+    .await;
+    let started = Instant::now();
+    let (mut old, _) = z
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api"]), true)
+        .await;
+    let (mut new, _) = z
+        .register(&mk_dataplane("default", "api-1", "api", 9090, &[]), false)
+        .await;
+    // A fresh proxy is answered at once ...
+    assert!(new.update().await.full);
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    // ... one with a config waits for the warm-up, then gets one full update that already
+    // holds what registered meanwhile.
+    old.quiet(Duration::from_millis(700)).await;
+    let u = old.update().await;
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
+    assert!(u.full);
+    assert_eq!(services(&u)["api"].endpoints.len(), 1);
+    // After the warm-up, has_config does not delay anyone.
+    let (mut late, _) = z
+        .register(&mk_dataplane("default", "db-1", "db", 5432, &[]), true)
+        .await;
+    let at = Instant::now();
+    assert!(late.update().await.full);
+    assert!(at.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn a_restarted_zone_keeps_its_data_plane_ca() {
+    let z = start(Opts::default()).await;
+    let ca = std::fs::read_to_string(&z.ca_file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for f in ["dataplane-ca-key.pem", "dataplane-server-key.pem"] {
+            let mode = std::fs::metadata(z.data_dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+    // Stop the first zone and keep its data directory.
+    let mut z = z;
+    z.shutdown.cancel();
+    let task = std::mem::replace(&mut z.task, tokio::spawn(async { Ok(()) }));
+    task.await.unwrap().unwrap();
+    let data_dir = std::mem::replace(&mut z.data_dir, tempfile::tempdir().unwrap());
+    drop(z);
+    let z2 = start(Opts {
+        data_dir: Some(data_dir),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&z2.ca_file).unwrap(), ca);
+    // The old CA file verifies the restarted zone.
+    let (mut p, _) = z2
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &[]), false)
+        .await;
+    assert!(p.update().await.full);
+}
