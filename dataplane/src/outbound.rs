@@ -1,11 +1,42 @@
 //! An outbound listener: the application connects to it in plaintext; the proxy balances over
 //! the service's endpoints and originates mTLS, checking the server's SPIFFE ID.
 //!
-//! CONTRACT (traffic side implements; `main` calls `run` once per Dataplane outbound).
+//! `main` calls [`run`] once per Dataplane outbound. Each accepted connection is L7 when the
+//! service's protocol (looked up per connection) is http, http2 or grpc: a hyper server
+//! (HTTP/1.1, or HTTP/2 with prior knowledge) that balances every request on its own over
+//! pooled upstream connections ([`Pool`]; HTTP/1.1 to http services, HTTP/2 to http2 and
+//! grpc ones). Otherwise L4: one endpoint per connection, bytes copied both ways.
+//!
+//! Failures: connection-level ones (refused, 1 s connect timeout, TLS handshake) eject the
+//! endpoint ([`lb`]) and the request or connection is retried on another endpoint, since
+//! nothing of it was sent. No endpoints: `503 weft: no endpoints for service <name>` (L7) or
+//! the connection is closed (L4).
+//!
+//! Submodules: `outbound_http.rs` (the L7 proxy and its response body), `outbound_pool.rs`
+//! (connecting, TLS, per-endpoint connection pools), `outbound_tcp.rs` (L4).
+
+#[path = "outbound_http.rs"]
+mod http;
+#[path = "outbound_pool.rs"]
+mod pool;
+#[path = "outbound_tcp.rs"]
+mod tcp;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tracing::Instrument;
+use weft_core::spec::fields::Protocol;
 
+use crate::lb;
 use crate::state::Context;
+
+pub use pool::Pool;
+
+/// The balancer of one outbound, with its connection pools per endpoint.
+pub type Balancer = lb::Balancer<Pool>;
 
 #[derive(Clone, Debug)]
 pub struct Outbound {
@@ -16,6 +47,94 @@ pub struct Outbound {
 /// Serve `listener` until `ctx.draining` is cancelled; spawn each connection on `ctx.tasks`.
 /// L7 (per-request balancing) when the service's protocol is http, http2 or grpc; L4 for tcp.
 pub async fn run(listener: TcpListener, outbound: Outbound, ctx: Context) -> anyhow::Result<()> {
-    let _ = (listener, outbound, ctx);
-    anyhow::bail!("outbound: not implemented yet")
+    let balancer = balancer(&outbound, &ctx);
+    serve(listener, balancer, ctx).await
+}
+
+/// The balancer [`serve`] uses for `outbound`: cheap until the first connection.
+pub fn balancer(outbound: &Outbound, ctx: &Context) -> Arc<Balancer> {
+    Arc::new(Balancer::new(&outbound.service, &ctx.state))
+}
+
+/// [`run`] with a given balancer (to look at its endpoints from outside, e.g. in tests).
+pub async fn serve(
+    listener: TcpListener,
+    balancer: Arc<Balancer>,
+    ctx: Context,
+) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(balancer, ctx.clone()));
+    let local = listener.local_addr()?;
+    tracing::debug!(service = shared.lb.service(), %local, "outbound listening");
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = ctx.draining.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off a little, keep serving.
+                tracing::warn!(service = shared.lb.service(), %local, "outbound accept: {e}");
+                tokio::select! {
+                    _ = ctx.draining.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let protocol = ctx
+            .state
+            .service(shared.lb.service())
+            .map_or(Protocol::Tcp, |s| s.protocol);
+        let span = tracing::debug_span!("outbound", service = shared.lb.service(), %peer);
+        let shared = shared.clone();
+        ctx.tasks.spawn(
+            async move {
+                match protocol {
+                    Protocol::Tcp => tcp::serve(stream, &shared).await,
+                    Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+                        http::serve(stream, shared).await
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+    tracing::debug!(service = shared.lb.service(), %local, "outbound stopped accepting");
+    Ok(())
+}
+
+/// What every connection of one outbound shares.
+struct Shared {
+    lb: Arc<Balancer>,
+    ctx: Context,
+    server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    /// Milliseconds (since the listener started) of the last "no endpoints" warning, to log
+    /// it at most once a second.
+    warned: AtomicU64,
+    started: std::time::Instant,
+}
+
+impl Shared {
+    fn new(lb: Arc<Balancer>, ctx: Context) -> Shared {
+        Shared {
+            lb,
+            ctx,
+            server: http::server_builder(),
+            warned: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether to log a recurring failure now (at most once a second per outbound).
+    fn should_warn(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64 + 1000;
+        let last = self.warned.load(Relaxed);
+        now >= last + 1000
+            && self
+                .warned
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
 }
