@@ -28,7 +28,7 @@ use clap::Parser;
 use reqwest::Method;
 use serde_json::{Value, json};
 use weft_bench::{Proc, cpu_ticks, make_identities, rss_kib, sibling_bin, ticks_per_second};
-use weft_tests::{Backend, Global, Zone, free_port};
+use weft_tests::{Api, Backend, Global, free_port};
 
 #[derive(Parser, Debug)]
 #[command(name = "bench-proxy", about = "sidecar pair benchmark (issue 4)")]
@@ -462,8 +462,81 @@ backend app
 /// everything.
 struct WeftEnv {
     global: Global,
-    zone: Zone,
+    zone: ZoneProc,
     dp_api_port: u16,
+}
+
+/// A `weft-zone` process joined to `global`, with its data-plane API on a port of ours
+/// (spawned here rather than with the harness's `Zone` so the flags are exactly these).
+struct ZoneProc {
+    proc: Proc,
+    data_dir: tempfile::TempDir,
+    api: Api,
+}
+
+impl ZoneProc {
+    async fn start(global: &Global, name: &str, dp_api_port: u16) -> anyhow::Result<ZoneProc> {
+        let data_dir = tempfile::Builder::new().prefix("bench-zone-").tempdir()?;
+        let d = data_dir.path();
+        let token = global.zone_token(name, "24h").await?;
+        std::fs::write(d.join("zone-token"), &token.token)?;
+        std::fs::copy(global.ca_file(), d.join("global-ca.pem"))?;
+        let api_port = free_port();
+        let mut cmd = Command::new(sibling_bin("weft-zone")?);
+        cmd.arg("run")
+            .arg("--zone")
+            .arg(name)
+            .arg("--api-address")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg("--data-dir")
+            .arg(d)
+            .arg("--global-address")
+            .arg(global.kds_address())
+            .arg("--zone-token-file")
+            .arg(d.join("zone-token"))
+            .arg("--global-ca-file")
+            .arg(d.join("global-ca.pem"))
+            .arg("--dataplane-address")
+            .arg(format!("127.0.0.1:{dp_api_port}"))
+            .env("WEFT_LOG", "info");
+        let mut proc = Proc::spawn(&format!("weft-zone {name}"), cmd, d.join("zone.log"))?;
+        let url = format!("http://127.0.0.1:{api_port}");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            proc.check_alive()?;
+            if let Ok(r) = http.get(format!("{url}/readyz")).send().await
+                && r.status().is_success()
+                && let Ok(t) = std::fs::read_to_string(d.join("admin-token"))
+                && !t.trim().is_empty()
+                && d.join("dataplane-ca.pem").exists()
+            {
+                let api = Api::new(url, t.trim().to_string());
+                return Ok(ZoneProc {
+                    proc,
+                    data_dir,
+                    api,
+                });
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "weft-zone {name} not ready after 30s:\n{}",
+                    proc.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn api(&self) -> Api {
+        self.api.clone()
+    }
+
+    fn logs(&self) -> String {
+        self.proc.log_tail(30)
+    }
 }
 
 impl WeftEnv {
@@ -485,12 +558,7 @@ impl WeftEnv {
             ])
             .await?;
         let dp_api_port = free_port();
-        let zone = Zone::join(
-            "zone-1",
-            &global,
-            &["--dataplane-address", &format!("127.0.0.1:{dp_api_port}")],
-        )
-        .await?;
+        let zone = ZoneProc::start(&global, "zone-1", dp_api_port).await?;
         // Wait for the mesh and the policy to reach the zone.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
