@@ -187,7 +187,10 @@ impl Admin {
     fn handle(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if !matches!(path, "/ready" | "/config" | "/metrics") {
-            return text(StatusCode::NOT_FOUND, "not found: try /ready, /config or /metrics\n");
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: try /ready, /config or /metrics\n",
+            );
         }
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");

@@ -113,7 +113,7 @@ pub struct Registration {
 pub struct Progress {
     /// The last `Registered`.
     pub registered: Option<Registration>,
-    /// Whether the mesh has mTLS: from `Registered`, then from each view the zone sends.
+    /// Whether the mesh has mTLS: `Registered` or the latest view says so.
     pub mtls: bool,
     /// A configuration was applied.
     pub has_config: bool,
@@ -286,7 +286,9 @@ impl Throttle {
 /// name) and the port.
 pub fn check_address(address: &str) -> anyhow::Result<(String, u16)> {
     let bad = |why: &str| {
-        anyhow::anyhow!("--zone-address {address:?}: {why} (expected https://HOST:PORT, e.g. https://127.0.0.1:5683)")
+        anyhow::anyhow!(
+            "--zone-address {address:?}: {why} (expected https://HOST:PORT, e.g. https://127.0.0.1:5683)"
+        )
     };
     let uri: tonic::codegen::http::Uri = address.parse().map_err(|_| bad("not a URL"))?;
     if uri.scheme_str() != Some("https") {
@@ -298,7 +300,9 @@ pub fn check_address(address: &str) -> anyhow::Result<(String, u16)> {
         return Err(bad("no path expected"));
     }
     Ok((
-        host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         port,
     ))
 }
@@ -493,15 +497,17 @@ impl Client {
                     self.status.acks.fetch_add(1, Ordering::Relaxed);
                     let snapshot = self.state.current();
                     tracing::debug!(
-                        nonce = u.nonce, full = u.full, generation = snapshot.generation,
-                        services = snapshot.services.len(), "configuration applied"
+                        nonce = u.nonce,
+                        full = u.full,
+                        generation = snapshot.generation,
+                        services = snapshot.services.len(),
+                        "configuration applied"
                     );
-                    let mtls = if u.view_json.is_some() {
-                        snapshot.view.mtls
-                    } else {
-                        self.status.progress().mtls
-                    };
-                    let first = !self.status.progress().has_config;
+                    // mTLS when the zone said so at registration or the view says so now.
+                    let progress = self.status.progress();
+                    let registered_mtls = progress.registered.as_ref().is_some_and(|r| r.mtls);
+                    let mtls = registered_mtls || snapshot.view.mtls;
+                    let first = !progress.has_config;
                     self.status.update(|p| {
                         p.has_config = true;
                         p.mtls = mtls;
@@ -513,11 +519,9 @@ impl Client {
                             "first configuration applied"
                         );
                     }
-                    // mTLS switched on or off under this session.
+                    // mTLS switched on under this session.
                     if mtls && certs.next.is_none() && self.identity.status().is_none() {
                         certs.next = Some(Instant::now());
-                    } else if !mtls {
-                        certs.next = None;
                     }
                     send(tx, ProxyMsg::Ack(pb::Ack { nonce: u.nonce })).await?;
                 }

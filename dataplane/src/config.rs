@@ -78,7 +78,8 @@ pub enum LogFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<weft_core::validate::Duration>().map(|d| d.as_std())
+    s.parse::<weft_core::validate::Duration>()
+        .map(|d| d.as_std())
 }
 
 /// Everything `run` needs, read and checked.

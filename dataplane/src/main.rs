@@ -173,8 +173,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         let span = tracing::info_span!("outbound", port = l.port, service = %l.outbound.service);
         let (field, ctx) = (l.field.clone(), ctx.clone());
         listeners.spawn(
-            async move { (field, outbound::run(listener, l.outbound, ctx).await) }
-                .instrument(span),
+            async move { (field, outbound::run(listener, l.outbound, ctx).await) }.instrument(span),
         );
     }
     admin.set_listening();
