@@ -1,11 +1,13 @@
-//! `weftctl inspect meshes` (resource counts per mesh, `GET /_inspect/meshes`) and
-//! `weftctl inspect zones` (zone status, `GET /_inspect/zones`).
+//! `weftctl inspect meshes` (resource counts per mesh, `GET /_inspect/meshes`),
+//! `weftctl inspect zones` (zone status, `GET /_inspect/zones`), and, against a zone control
+//! plane, `weftctl inspect dataplanes` (`GET /_inspect/dataplanes`) and `weftctl inspect
+//! dataplane NAME --config` (`GET /_inspect/dataplanes/{mesh}/{name}/config`).
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use serde_json::Value;
 use weft_core::Kind;
 
-use crate::client::Client;
+use crate::client::{ApiError, Client};
 use crate::output::{self, Format, Table};
 
 pub async fn meshes(client: &Client, format: Format) -> Result<String> {
@@ -99,6 +101,90 @@ pub fn zones_table(resp: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<S
     Ok(t.render())
 }
 
+/// 404 from a control plane that does not serve the data-plane routes (global, an older
+/// zone) becomes a hint to ask the zone instead.
+fn zone_only(e: anyhow::Error, client: &Client) -> anyhow::Error {
+    match e.downcast_ref::<ApiError>() {
+        Some(api) if api.status == 404 && api.detail.contains("no such route") => anyhow!(
+            "{} does not serve /_inspect/dataplanes: dataplanes are inspected on their zone control plane (pass --address http://ZONE:5682 with the zone's token, or add it with `weftctl config control-planes add --name ZONE --address URL --token-file FILE` and use --context ZONE)",
+            client.address()
+        ),
+        _ => e,
+    }
+}
+
+/// `weftctl inspect dataplanes [--mesh M | -A]`.
+pub async fn dataplanes(client: &Client, mesh: Option<&str>, format: Format) -> Result<String> {
+    let query: Vec<(&str, &str)> = mesh.map(|m| ("mesh", m)).into_iter().collect();
+    let resp = client
+        .get(&["_inspect", "dataplanes"], &query)
+        .await
+        .map_err(|e| zone_only(e, client))?;
+    Ok(match format {
+        Format::Table => dataplanes_table(&resp, chrono::Utc::now())?,
+        Format::Yaml => weft_core::document::value_to_yaml(&resp),
+        Format::Json => output::json(&resp),
+    })
+}
+
+/// NAME MESH ZONE SERVICE STATUS CERT EXPIRES.
+pub fn dataplanes_table(resp: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<String> {
+    let Some(items) = resp.get("items").and_then(Value::as_array) else {
+        bail!("unexpected answer from /_inspect/dataplanes: no items");
+    };
+    let mut t = Table::new(["NAME", "MESH", "ZONE", "SERVICE", "STATUS", "CERT EXPIRES"]);
+    for d in items {
+        let text = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let expires = d
+            .get("certExpires")
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map_or_else(
+                || "-".to_string(),
+                |t| {
+                    let t = t.with_timezone(&chrono::Utc);
+                    if t <= now {
+                        format!("expired {} ago", output::age(t, now))
+                    } else {
+                        format!("in {}", output::age(now, t))
+                    }
+                },
+            );
+        t.row([
+            text("name"),
+            text("mesh"),
+            text("zone"),
+            text("service"),
+            text("status"),
+            expires,
+        ]);
+    }
+    Ok(t.render())
+}
+
+/// `weftctl inspect dataplane NAME [--mesh M] --config`: what the zone last sent the proxy.
+pub async fn dataplane_config(
+    client: &Client,
+    mesh: &str,
+    name: &str,
+    format: Format,
+) -> Result<String> {
+    let resp = client
+        .get(&["_inspect", "dataplanes", mesh, name, "config"], &[])
+        .await
+        .map_err(|e| match e.downcast_ref::<ApiError>() {
+            Some(api) if api.status == 404 && !api.detail.contains("no such route") => anyhow!(
+                "dataplane {name:?} of mesh {mesh:?}: {} (list them with `weftctl inspect dataplanes -A`; pass --mesh if it is not in {mesh:?})",
+                api.detail
+            ),
+            _ => zone_only(e, client),
+        })?;
+    Ok(match format {
+        Format::Yaml => weft_core::document::value_to_yaml(&resp),
+        Format::Json | Format::Table => output::json(&resp),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +229,25 @@ mod tests {
             "{out}"
         );
         assert!(zones_table(&json!({}), now).is_err());
+    }
+
+    #[test]
+    fn dataplanes_table_shows_status_and_certificate_expiry() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let resp = json!({"items": [
+            {"name": "web-1", "mesh": "default", "zone": "east", "service": "web", "status": "online", "certExpires": "2026-11-22T12:00:00Z"},
+            {"name": "api-1", "mesh": "default", "zone": "east", "service": "api", "status": "offline", "certExpires": null}
+        ]});
+        let out = dataplanes_table(&resp, now).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NAME") && lines[0].ends_with("CERT EXPIRES"), "{out}");
+        assert!(
+            lines[1].contains("web-1") && lines[1].contains("online") && lines[1].contains("in 2h"),
+            "{out}"
+        );
+        assert!(lines[2].contains("offline") && lines[2].ends_with('-'), "{out}");
+        assert!(dataplanes_table(&json!({}), now).is_err());
     }
 }

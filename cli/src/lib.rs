@@ -168,11 +168,41 @@ pub enum InspectCommand {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Dataplanes of a zone: online or offline, service, certificate expiry (zone control
+    /// plane only).
+    Dataplanes {
+        /// The mesh.
+        #[arg(short, long, default_value = weft_core::DEFAULT_MESH)]
+        mesh: String,
+        /// List across every mesh.
+        #[arg(short = 'A', long, conflicts_with = "mesh")]
+        all_meshes: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// One dataplane: with --config, the configuration its zone last sent it (zone control
+    /// plane only).
+    Dataplane {
+        /// The dataplane's name.
+        name: String,
+        /// The mesh.
+        #[arg(short, long, default_value = weft_core::DEFAULT_MESH)]
+        mesh: String,
+        /// Show the configuration the zone last sent (view, services and endpoints,
+        /// certificate). Also spelled `--config` when no path follows it (the global
+        /// `--config PATH` names weftctl's own config file).
+        #[arg(long = "show-config", id = "show_config", required = true)]
+        config: bool,
+        /// Output format: json (default) or yaml.
+        #[arg(short, long, value_enum, default_value_t = Format::Json)]
+        output: Format,
+    },
 }
 
 /// Parse the process arguments, run, print, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -204,6 +234,31 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `weftctl inspect dataplane NAME --config`: a `--config` with no value after it (last, or
+/// followed by another flag) in `inspect dataplane` is the `--show-config` switch, not the
+/// global `--config PATH` (clap cannot have both under one name).
+pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let words: Vec<Option<&str>> = args.iter().map(|a| a.to_str()).collect();
+    let Some(at) = words
+        .windows(2)
+        .position(|w| w == [Some("inspect"), Some("dataplane")])
+    else {
+        return args;
+    };
+    let bare: Vec<usize> = (at + 2..words.len())
+        .filter(|&i| {
+            words[i] == Some("--config")
+                && words
+                    .get(i + 1)
+                    .is_none_or(|next| next.is_none_or(|n| n.starts_with('-')))
+        })
+        .collect();
+    for i in bare {
+        args[i] = "--show-config".into();
+    }
+    args
 }
 
 /// Run one command; returns what to print on stdout.
@@ -240,6 +295,23 @@ pub async fn run(cli: Cli) -> Result<String> {
         Command::Inspect {
             command: InspectCommand::Zones { output },
         } => inspect::zones(&connect()?, *output).await,
+        Command::Inspect {
+            command:
+                InspectCommand::Dataplanes {
+                    mesh,
+                    all_meshes,
+                    output,
+                },
+        } => {
+            let mesh = (!*all_meshes).then_some(mesh.as_str());
+            inspect::dataplanes(&connect()?, mesh, *output).await
+        }
+        Command::Inspect {
+            command:
+                InspectCommand::Dataplane {
+                    name, mesh, output, ..
+                },
+        } => inspect::dataplane_config(&connect()?, mesh, name, *output).await,
         Command::Generate { command } => tokens::generate(&connect()?, command).await,
         Command::Revoke { command } => tokens::revoke(&connect()?, command).await,
         Command::Completion { shell } => {
@@ -364,6 +436,45 @@ mod tests {
         assert!(
             Cli::try_parse_from(["weftctl", "get", "meshtimeouts", "t", "-A"]).is_err(),
             "-A with a name"
+        );
+    }
+
+    #[test]
+    fn inspect_dataplane_takes_config_as_a_switch() {
+        let argv = |a: &[&str]| normalize_args(a.iter().map(Into::into).collect());
+        let cli = Cli::try_parse_from(argv(&[
+            "weftctl", "inspect", "dataplane", "web-1", "--mesh", "m", "--config", "-o", "yaml",
+        ]))
+        .unwrap();
+        let Command::Inspect {
+            command:
+                InspectCommand::Dataplane {
+                    name,
+                    mesh,
+                    config,
+                    output,
+                },
+        } = cli.command
+        else {
+            panic!("parsed {:?}", cli.command)
+        };
+        assert_eq!((name.as_str(), mesh.as_str(), config, output), ("web-1", "m", true, Format::Yaml));
+        assert_eq!(cli.global.config, None);
+        // Last on the line, too; and a --config with a path stays weftctl's config file.
+        let cli = Cli::try_parse_from(argv(&[
+            "weftctl", "--config", "/tmp/w.yaml", "inspect", "dataplane", "web-1", "--config",
+        ]))
+        .unwrap();
+        assert_eq!(cli.global.config, Some(PathBuf::from("/tmp/w.yaml")));
+        assert!(matches!(
+            cli.command,
+            Command::Inspect {
+                command: InspectCommand::Dataplane { config: true, .. }
+            }
+        ));
+        assert!(Cli::try_parse_from(["weftctl", "inspect", "dataplane", "web-1"]).is_err());
+        assert!(
+            Cli::try_parse_from(["weftctl", "inspect", "dataplanes", "-A", "--mesh", "m"]).is_err()
         );
     }
 }
