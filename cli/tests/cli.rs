@@ -675,3 +675,109 @@ fn auth_failures_say_what_is_wrong_with_the_token() {
         ("DELETE", "/meshes/default/meshtimeouts/t1")
     );
 }
+
+/// A zone answering the data-plane inspect routes.
+fn fake_zone() -> FakeServer {
+    FakeServer::start(|req| match req.path.as_str() {
+        "/_inspect/dataplanes" => {
+            let all = json!([
+                {"name": "web-1", "mesh": "default", "zone": "east", "service": "web", "status": "online", "certExpires": "2999-01-01T00:00:00Z"},
+                {"name": "db-1", "mesh": "data", "zone": "east", "service": "db", "status": "offline", "certExpires": null}
+            ]);
+            let items: Vec<Value> = all
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| req.query("mesh").is_none_or(|m| d["mesh"] == m))
+                .cloned()
+                .collect();
+            (200, json!({ "items": items }).to_string())
+        }
+        "/_inspect/dataplanes/default/web-1/config" => (
+            200,
+            json!({"mesh": "default", "name": "web-1", "status": "online",
+                "view": {"dataplane": "web-1", "mtls": true},
+                "services": {"api": {"protocol": "http", "endpoints": [{"address": "10.0.0.2", "port": 9090}]}},
+                "certificate": {"notAfter": "2999-01-01T00:00:00Z", "spiffeId": "spiffe://default/web"}})
+            .to_string(),
+        ),
+        p if p.starts_with("/_inspect/dataplanes/") => (
+            404,
+            json!({"status": 404, "title": "not found", "detail": "dataplane \"ghost\" of mesh \"default\" has not connected to zone east since it started"}).to_string(),
+        ),
+        _ => (
+            404,
+            json!({"status": 404, "title": "not found", "detail": "no such route (see /openapi.json)"}).to_string(),
+        ),
+    })
+}
+
+#[test]
+fn inspect_dataplanes_lists_one_mesh_or_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = fake_zone();
+    let out = weftctl(dir.path(), &["inspect", "dataplanes", "--address", &zone.address]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("SERVICE") && lines[0].ends_with("CERT EXPIRES"),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 2, "only mesh default: {text}");
+    assert!(lines[1].contains("web-1") && lines[1].contains("online") && lines[1].contains("in "), "{text}");
+    assert_eq!(zone.requests()[0].query("mesh"), Some("default"));
+
+    let out = weftctl(dir.path(), &["inspect", "dataplanes", "-A", "--address", &zone.address]);
+    let text = stdout(&out);
+    assert!(text.contains("db-1") && text.contains("offline"), "{text}");
+    assert_eq!(zone.requests()[1].query("mesh"), None);
+    assert_eq!(zone.requests()[1].path, "/_inspect/dataplanes");
+}
+
+#[test]
+fn inspect_dataplane_config_prints_json_or_yaml_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = fake_zone();
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplane", "web-1", "--config", "--address", &zone.address],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["services"]["api"]["protocol"], "http");
+    assert_eq!(v["certificate"]["spiffeId"], "spiffe://default/web");
+
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplane", "web-1", "--address", &zone.address, "--config", "-o", "yaml"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("spiffeId: spiffe://default/web"), "{}", stdout(&out));
+
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplane", "ghost", "--config", "--address", &zone.address],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("dataplane \"ghost\" of mesh \"default\"") && err.contains("weftctl inspect dataplanes -A"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_dataplanes_against_global_says_to_ask_the_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let global = FakeServer::start(|_| {
+        (
+            404,
+            json!({"status": 404, "title": "not found", "detail": "no such route (see /openapi.json)"}).to_string(),
+        )
+    });
+    let out = weftctl(dir.path(), &["inspect", "dataplanes", "--address", &global.address]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("inspected on their zone control plane"), "{err}");
+}
