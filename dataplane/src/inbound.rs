@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
@@ -101,7 +101,8 @@ struct Listener {
     inbound: Inbound,
     ctx: Context,
     metrics: Arc<ServiceMetrics>,
-    alpn: Vec<Vec<u8>>,
+    /// The TLS server side (it reads the installed certificate at each handshake).
+    tls: tokio_rustls::TlsAcceptor,
     http: Option<Http>,
 }
 
@@ -151,11 +152,12 @@ impl Listener {
         } else {
             vec![]
         };
+        let tls = ctx.identity.server_config(alpn).into();
         Ok(Listener {
             inbound,
             ctx,
             metrics,
-            alpn,
+            tls,
             http,
         })
     }
@@ -166,8 +168,7 @@ impl Listener {
         if !self.ctx.state.view().mtls {
             return self.forward(stream, None).await;
         }
-        let config = self.ctx.identity.server_config(self.alpn.clone());
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+        let accept = self.tls.accept(stream);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -415,6 +416,16 @@ impl HttpConn {
             parts.headers.insert(XFCC.clone(), xfcc);
         }
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        if http.version == Version::HTTP_11
+            && !parts.headers.contains_key(HOST)
+            && let Some(host) = uri
+                .authority
+                .as_ref()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            // An HTTP/2 caller to an HTTP/1.1 application: keep its `:authority` as `Host`.
+            parts.headers.insert(HOST, host);
+        }
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(http.app.clone());
         if uri.path_and_query.is_none() {

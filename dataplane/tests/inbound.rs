@@ -167,10 +167,17 @@ async fn http_app() -> SocketAddr {
                             .iter()
                             .map(|v| v.to_str().unwrap().to_string())
                             .collect();
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .cloned()
+                            .unwrap_or(hyper::header::HeaderValue::from_static("none"));
+                        let mut resp = Response::new(Full::new(Bytes::from(format!(
                             "xfcc={}",
                             xfcc.join("|")
-                        )))))
+                        ))));
+                        resp.headers_mut().insert("x-seen-host", host);
+                        Ok::<_, Infallible>(resp)
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
@@ -283,6 +290,8 @@ async fn mtls_forwards_with_the_callers_identity() {
                 .body(Full::new(Bytes::new()))
                 .unwrap();
             let resp = sender.send_request(req).await.unwrap();
+            // HTTP/2 in, HTTP/1.1 to the application: `:authority` becomes `Host`.
+            assert_eq!(resp.headers()["x-seen-host"], "backend");
             let status = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             (status, String::from_utf8_lossy(&body).into_owned())
