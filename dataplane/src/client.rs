@@ -372,12 +372,17 @@ impl Client {
             attempt = attempt.saturating_add(1);
             self.status.reconnects.fetch_add(1, Ordering::Relaxed);
             if let Some(left_out) = throttle.check() {
+                let what = if ever_registered {
+                    "zone session ended; reconnecting (keeping the current configuration and certificate)"
+                } else {
+                    "no session with the zone yet; retrying"
+                };
                 tracing::warn!(
                     zone = %self.cfg.address,
                     error = %ended,
                     retry_in = ?delay,
                     failures_not_logged = left_out,
-                    "zone session ended; reconnecting (keeping the current configuration and certificate)"
+                    "{what}"
                 );
             }
             tokio::select! {

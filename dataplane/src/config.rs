@@ -67,6 +67,7 @@ pub struct RunArgs {
     /// Log filter, RUST_LOG syntax (e.g. info, weft_dp=debug).
     #[arg(long, env = "WEFT_DP_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines as text, or as JSON objects (one per line).
     #[arg(long, env = "WEFT_DP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

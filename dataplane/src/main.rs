@@ -59,9 +59,10 @@ fn main() -> ExitCode {
 
 fn init_tracing(cfg: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
-        .with_context(|| format!("--log-level {:?}", cfg.log_level))?;
+        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cfg.log_level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Text => builder.init(),

@@ -546,3 +546,183 @@ fn the_binary_refuses_a_bad_dataplane_file() {
         format!("weft-dp {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The binary against the test zone
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on the admin endpoint: status and body, `None` while it does not answer.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// weft-dp running as a process against `zone`, its stderr in a file.
+struct Binary {
+    child: std::process::Child,
+    admin: SocketAddr,
+    stderr: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    fn start(zone: &Zone, inbound_port: u16) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let dp = dir.path().join("dp.yaml");
+        std::fs::write(
+            &dp,
+            DATAPLANE.replace("port: 18080", &format!("port: {inbound_port}")),
+        )
+        .unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "dp-token-123").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &zone.ca_pem).unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let stderr = dir.path().join("stderr");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft-dp"))
+            .arg("run")
+            .arg("--zone-address")
+            .arg(format!("https://127.0.0.1:{}", zone.addr.port()))
+            .arg("--zone-ca-file")
+            .arg(&ca)
+            .arg("--dataplane-file")
+            .arg(&dp)
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--admin-address")
+            .arg(admin.to_string())
+            .args(["--drain-timeout", "2s", "--log-level", "debug"])
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Binary {
+            child,
+            admin,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weft-dp did not exit: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_admin_then_drains_on_sigterm() {
+    let mut zone = Zone::start().await;
+    let mut dp = Binary::start(&zone, free_port());
+    let mut s = zone.session().await;
+    assert_eq!(s.hello.token, "dp-token-123");
+    // Admin is up before any configuration, and says what is missing.
+    let deadline = Instant::now() + WAIT;
+    let (status, body) = loop {
+        if let Some(r) = get(dp.admin, "/ready").await {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no admin endpoint: {}",
+            dp.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (status, body.trim()),
+        (503, "not registered with the zone yet")
+    );
+
+    s.register(false).await;
+    s.send(full_update(1)).await;
+    assert_eq!(s.recv().await, ProxyMsg::Ack(pb::Ack { nonce: 1 }));
+    let deadline = Instant::now() + WAIT;
+    while get(dp.admin, "/ready").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready: {}", dp.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(dp.admin, "/config").await.unwrap();
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["zone"], "east");
+    assert_eq!(config["connected"], true);
+    assert_eq!(config["generation"], 1);
+    assert_eq!(config["view"]["dataplane"], "web-1");
+    assert_eq!(config["services"]["backend"]["endpoints"][1]["port"], 8081);
+    assert_eq!(config["certificate"], serde_json::Value::Null);
+    let (status, metrics) = get(dp.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "weft_dp_updates_total{mesh=\"default\",zone=\"east\",dataplane=\"web-1\",result=\"ack\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(get(dp.admin, "/nope").await.unwrap().0, 404);
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &dp.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(dp.exit_code().await, Some(0), "{}", dp.stderr());
+    assert!(dp.stderr().contains("drained"), "{}", dp.stderr());
+}
+
+#[tokio::test]
+async fn the_binary_exits_1_when_an_inbound_cannot_bind() {
+    let mut zone = Zone::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut dp = Binary::start(&zone, port);
+    let mut s = zone.session().await;
+    s.register(false).await;
+    s.send(full_update(1)).await;
+    assert_eq!(s.recv().await, ProxyMsg::Ack(pb::Ack { nonce: 1 }));
+    assert_eq!(dp.exit_code().await, Some(1), "{}", dp.stderr());
+    assert!(
+        dp.stderr()
+            .contains(&format!("networking.inbound[0]: binding 127.0.0.1:{port}")),
+        "{}",
+        dp.stderr()
+    );
+}
