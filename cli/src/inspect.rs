@@ -242,12 +242,18 @@ mod tests {
         ]});
         let out = dataplanes_table(&resp, now).unwrap();
         let lines: Vec<&str> = out.lines().collect();
-        assert!(lines[0].starts_with("NAME") && lines[0].ends_with("CERT EXPIRES"), "{out}");
+        assert!(
+            lines[0].starts_with("NAME") && lines[0].ends_with("CERT EXPIRES"),
+            "{out}"
+        );
         assert!(
             lines[1].contains("web-1") && lines[1].contains("online") && lines[1].contains("in 2h"),
             "{out}"
         );
-        assert!(lines[2].contains("offline") && lines[2].ends_with('-'), "{out}");
+        assert!(
+            lines[2].contains("offline") && lines[2].ends_with('-'),
+            "{out}"
+        );
         assert!(dataplanes_table(&json!({}), now).is_err());
     }
 }

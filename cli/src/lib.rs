@@ -443,7 +443,15 @@ mod tests {
     fn inspect_dataplane_takes_config_as_a_switch() {
         let argv = |a: &[&str]| normalize_args(a.iter().map(Into::into).collect());
         let cli = Cli::try_parse_from(argv(&[
-            "weftctl", "inspect", "dataplane", "web-1", "--mesh", "m", "--config", "-o", "yaml",
+            "weftctl",
+            "inspect",
+            "dataplane",
+            "web-1",
+            "--mesh",
+            "m",
+            "--config",
+            "-o",
+            "yaml",
         ]))
         .unwrap();
         let Command::Inspect {
@@ -458,11 +466,20 @@ mod tests {
         else {
             panic!("parsed {:?}", cli.command)
         };
-        assert_eq!((name.as_str(), mesh.as_str(), config, output), ("web-1", "m", true, Format::Yaml));
+        assert_eq!(
+            (name.as_str(), mesh.as_str(), config, output),
+            ("web-1", "m", true, Format::Yaml)
+        );
         assert_eq!(cli.global.config, None);
         // Last on the line, too; and a --config with a path stays weftctl's config file.
         let cli = Cli::try_parse_from(argv(&[
-            "weftctl", "--config", "/tmp/w.yaml", "inspect", "dataplane", "web-1", "--config",
+            "weftctl",
+            "--config",
+            "/tmp/w.yaml",
+            "inspect",
+            "dataplane",
+            "web-1",
+            "--config",
         ]))
         .unwrap();
         assert_eq!(cli.global.config, Some(PathBuf::from("/tmp/w.yaml")));

@@ -678,7 +678,8 @@ fn auth_failures_say_what_is_wrong_with_the_token() {
 
 /// A zone answering the data-plane inspect routes.
 fn fake_zone() -> FakeServer {
-    FakeServer::start(|req| match req.path.as_str() {
+    FakeServer::start(|req| {
+        match req.path.as_str() {
         "/_inspect/dataplanes" => {
             let all = json!([
                 {"name": "web-1", "mesh": "default", "zone": "east", "service": "web", "status": "online", "certExpires": "2999-01-01T00:00:00Z"},
@@ -709,6 +710,7 @@ fn fake_zone() -> FakeServer {
             404,
             json!({"status": 404, "title": "not found", "detail": "no such route (see /openapi.json)"}).to_string(),
         ),
+    }
     })
 }
 
@@ -716,19 +718,30 @@ fn fake_zone() -> FakeServer {
 fn inspect_dataplanes_lists_one_mesh_or_all() {
     let dir = tempfile::tempdir().unwrap();
     let zone = fake_zone();
-    let out = weftctl(dir.path(), &["inspect", "dataplanes", "--address", &zone.address]);
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplanes", "--address", &zone.address],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert!(
-        lines[0].starts_with("NAME") && lines[0].contains("SERVICE") && lines[0].ends_with("CERT EXPIRES"),
+        lines[0].starts_with("NAME")
+            && lines[0].contains("SERVICE")
+            && lines[0].ends_with("CERT EXPIRES"),
         "{text}"
     );
     assert_eq!(lines.len(), 2, "only mesh default: {text}");
-    assert!(lines[1].contains("web-1") && lines[1].contains("online") && lines[1].contains("in "), "{text}");
+    assert!(
+        lines[1].contains("web-1") && lines[1].contains("online") && lines[1].contains("in "),
+        "{text}"
+    );
     assert_eq!(zone.requests()[0].query("mesh"), Some("default"));
 
-    let out = weftctl(dir.path(), &["inspect", "dataplanes", "-A", "--address", &zone.address]);
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplanes", "-A", "--address", &zone.address],
+    );
     let text = stdout(&out);
     assert!(text.contains("db-1") && text.contains("offline"), "{text}");
     assert_eq!(zone.requests()[1].query("mesh"), None);
@@ -741,7 +754,14 @@ fn inspect_dataplane_config_prints_json_or_yaml_and_names_what_is_missing() {
     let zone = fake_zone();
     let out = weftctl(
         dir.path(),
-        &["inspect", "dataplane", "web-1", "--config", "--address", &zone.address],
+        &[
+            "inspect",
+            "dataplane",
+            "web-1",
+            "--config",
+            "--address",
+            &zone.address,
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -750,19 +770,40 @@ fn inspect_dataplane_config_prints_json_or_yaml_and_names_what_is_missing() {
 
     let out = weftctl(
         dir.path(),
-        &["inspect", "dataplane", "web-1", "--address", &zone.address, "--config", "-o", "yaml"],
+        &[
+            "inspect",
+            "dataplane",
+            "web-1",
+            "--address",
+            &zone.address,
+            "--config",
+            "-o",
+            "yaml",
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("spiffeId: spiffe://default/web"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("spiffeId: spiffe://default/web"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = weftctl(
         dir.path(),
-        &["inspect", "dataplane", "ghost", "--config", "--address", &zone.address],
+        &[
+            "inspect",
+            "dataplane",
+            "ghost",
+            "--config",
+            "--address",
+            &zone.address,
+        ],
     );
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("dataplane \"ghost\" of mesh \"default\"") && err.contains("weftctl inspect dataplanes -A"),
+        err.contains("dataplane \"ghost\" of mesh \"default\"")
+            && err.contains("weftctl inspect dataplanes -A"),
         "{err}"
     );
 }
@@ -776,8 +817,14 @@ fn inspect_dataplanes_against_global_says_to_ask_the_zone() {
             json!({"status": 404, "title": "not found", "detail": "no such route (see /openapi.json)"}).to_string(),
         )
     });
-    let out = weftctl(dir.path(), &["inspect", "dataplanes", "--address", &global.address]);
+    let out = weftctl(
+        dir.path(),
+        &["inspect", "dataplanes", "--address", &global.address],
+    );
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("inspected on their zone control plane"), "{err}");
+    assert!(
+        err.contains("inspected on their zone control plane"),
+        "{err}"
+    );
 }

@@ -257,9 +257,15 @@ impl Config {
 fn resolve_dataplane(args: &RunArgs, file: &File, d: &Dataplane) -> anyhow::Result<Dataplane> {
     // The certificate and its key are one choice: a flag's choice replaces the file's.
     let (cert, key) = if args.dataplane_cert_file.is_some() || args.dataplane_key_file.is_some() {
-        (args.dataplane_cert_file.clone(), args.dataplane_key_file.clone())
+        (
+            args.dataplane_cert_file.clone(),
+            args.dataplane_key_file.clone(),
+        )
     } else {
-        (file.dataplane_cert_file.clone(), file.dataplane_key_file.clone())
+        (
+            file.dataplane_cert_file.clone(),
+            file.dataplane_key_file.clone(),
+        )
     };
     let tls_files = match (cert, key) {
         (Some(c), Some(k)) => Some((c, k)),

@@ -82,7 +82,9 @@ impl Default for Opts {
 /// Zone `east` with both APIs on `127.0.0.1:0`.
 async fn start(opts: Opts) -> Zone {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = opts.data_dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+    let dir = opts
+        .data_dir
+        .unwrap_or_else(|| tempfile::tempdir().unwrap());
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
         ..Config::new("east")
@@ -160,7 +162,13 @@ async fn start(opts: Opts) -> Zone {
 impl Zone {
     fn token(&self, mesh: &str, name: &str, service: &str) -> String {
         self.key
-            .issue_dataplane(mesh, name, service, Duration::from_secs(3600), SystemTime::now())
+            .issue_dataplane(
+                mesh,
+                name,
+                service,
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
             .unwrap()
             .0
     }
@@ -201,10 +209,11 @@ impl Zone {
         let channel = kds::connect(&self.dp_address, &kds::Trust::CaFile(self.ca_file.clone()))
             .await
             .unwrap();
-        let mut client =
-            pb::dataplane_discovery_client::DataplaneDiscoveryClient::new(channel);
+        let mut client = pb::dataplane_discovery_client::DataplaneDiscoveryClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::ProxyMessage { msg: Some(first) }).await.unwrap();
+        tx.send(pb::ProxyMessage { msg: Some(first) })
+            .await
+            .unwrap();
         let rx = client.stream(ReceiverStream::new(rx)).await?.into_inner();
         Ok(Proxy { tx, rx })
     }
@@ -332,9 +341,15 @@ async fn refused_hellos_name_the_cause() {
     };
 
     // No trust from global yet: the zone says so.
-    let s = z.refused(hello(z.token("default", "web-1", "web"), &web)).await;
+    let s = z
+        .refused(hello(z.token("default", "web-1", "web"), &web))
+        .await;
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-    assert!(s.message().contains("has not obtained the token keys from global"), "{s:?}");
+    assert!(
+        s.message()
+            .contains("has not obtained the token keys from global"),
+        "{s:?}"
+    );
     z.trust
         .set(GetTrustResponse {
             token_keys: vec![z.key.public().as_bytes().to_vec()],
@@ -343,7 +358,10 @@ async fn refused_hellos_name_the_cause() {
         .unwrap();
 
     // Not a Hello first.
-    let s = match z.open(pb::proxy_message::Msg::Ack(pb::Ack { nonce: 1 })).await {
+    let s = match z
+        .open(pb::proxy_message::Msg::Ack(pb::Ack { nonce: 1 }))
+        .await
+    {
         Err(s) => s,
         Ok(_) => panic!("an Ack first was accepted"),
     };
@@ -354,24 +372,40 @@ async fn refused_hellos_name_the_cause() {
     let bad = json!({"type": "Dataplane", "mesh": "default", "name": "web-1",
         "spec": {"networking": {"address": "10.0.0.1", "inbound": []}}})
     .to_string();
-    let s = z.refused(hello(z.token("default", "web-1", "web"), &bad)).await;
+    let s = z
+        .refused(hello(z.token("default", "web-1", "web"), &bad))
+        .await;
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("spec.networking.inbound"), "{s:?}");
-    let s = z.refused(hello(z.token("default", "web-1", "web"), "type: Mesh\nname: x\n")).await;
+    let s = z
+        .refused(hello(
+            z.token("default", "web-1", "web"),
+            "type: Mesh\nname: x\n",
+        ))
+        .await;
     assert!(s.message().contains("expected Dataplane"), "{s:?}");
 
     // An unknown mesh.
     let nope = mk_dataplane("nope", "web-1", "web", 8080, &[]);
-    let s = z.refused(hello(z.token("nope", "web-1", "web"), &nope)).await;
+    let s = z
+        .refused(hello(z.token("nope", "web-1", "web"), &nope))
+        .await;
     assert_eq!(s.code(), Code::FailedPrecondition);
-    assert!(s.message().contains("mesh \"nope\" does not exist in zone east"), "{s:?}");
+    assert!(
+        s.message()
+            .contains("mesh \"nope\" does not exist in zone east"),
+        "{s:?}"
+    );
 
     // Token problems: missing, expired, revoked, other mesh, other name, other service.
     let unauth = |s: tonic::Status, want: &str| {
         assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
         assert!(s.message().contains(want), "want {want:?} in {s:?}");
     };
-    unauth(z.refused(hello(String::new(), &web)).await, "missing dataplane token");
+    unauth(
+        z.refused(hello(String::new(), &web)).await,
+        "missing dataplane token",
+    );
     let expired = z
         .key
         .issue_dataplane(
@@ -385,15 +419,18 @@ async fn refused_hellos_name_the_cause() {
         .0;
     unauth(z.refused(hello(expired, &web)).await, "expired at");
     unauth(
-        z.refused(hello(z.token("plain", "web-1", "web"), &web)).await,
+        z.refused(hello(z.token("plain", "web-1", "web"), &web))
+            .await,
         "issued for mesh \"plain\"",
     );
     unauth(
-        z.refused(hello(z.token("default", "web-2", "web"), &web)).await,
+        z.refused(hello(z.token("default", "web-2", "web"), &web))
+            .await,
         "issued for dataplane \"web-2\"",
     );
     unauth(
-        z.refused(hello(z.token("default", "web-1", "api"), &web)).await,
+        z.refused(hello(z.token("default", "web-1", "api"), &web))
+            .await,
         "issued for service \"api\"",
     );
     let two = json!({"type": "Dataplane", "mesh": "default", "name": "web-1",
@@ -402,12 +439,19 @@ async fn refused_hellos_name_the_cause() {
             {"port": 8081, "tags": {"weft.io/service": "admin"}}]}}})
     .to_string();
     unauth(
-        z.refused(hello(z.token("default", "web-1", "web"), &two)).await,
+        z.refused(hello(z.token("default", "web-1", "web"), &two))
+            .await,
         "spec.networking.inbound[1].tags.weft.io/service: \"admin\" is not the token's service",
     );
     let (revoked, claims) = z
         .key
-        .issue_dataplane("default", "web-1", "web", Duration::from_secs(60), SystemTime::now())
+        .issue_dataplane(
+            "default",
+            "web-1",
+            "web",
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
         .unwrap();
     z.trust
         .set(GetTrustResponse {
@@ -419,22 +463,38 @@ async fn refused_hellos_name_the_cause() {
     // Nothing refused reached the store.
     assert!(
         z.store
-            .get(&weft_core::Key::new(Kind::Dataplane, Some("default"), "web-1"))
+            .get(&weft_core::Key::new(
+                Kind::Dataplane,
+                Some("default"),
+                "web-1"
+            ))
             .await
             .unwrap()
             .is_none()
     );
-    assert!(z.metrics().await.contains("weft_dataplane_sessions_refused_total 12"));
+    assert!(
+        z.metrics()
+            .await
+            .contains("weft_dataplane_sessions_refused_total 12")
+    );
 }
 
 #[tokio::test]
 async fn full_update_then_per_service_deltas_and_withdrawal() {
     let z = start(Opts::default()).await;
     let (mut web, reg) = z
-        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api", "db"]), false)
+        .register(
+            &mk_dataplane("default", "web-1", "web", 8080, &["api", "db"]),
+            false,
+        )
         .await;
     assert_eq!(
-        (reg.zone.as_str(), reg.mesh.as_str(), reg.name.as_str(), reg.mtls),
+        (
+            reg.zone.as_str(),
+            reg.mesh.as_str(),
+            reg.name.as_str(),
+            reg.mtls
+        ),
         ("east", "default", "web-1", true)
     );
     let first = web.update().await;
@@ -449,7 +509,11 @@ async fn full_update_then_per_service_deltas_and_withdrawal() {
     // The registered Dataplane is in the store, stamped as this zone's.
     let stored = z
         .store
-        .get(&weft_core::Key::new(Kind::Dataplane, Some("default"), "web-1"))
+        .get(&weft_core::Key::new(
+            Kind::Dataplane,
+            Some("default"),
+            "web-1",
+        ))
         .await
         .unwrap()
         .unwrap();
@@ -470,19 +534,29 @@ async fn full_update_then_per_service_deltas_and_withdrawal() {
     assert_eq!(s["api"].protocol, "http");
     let e = &s["api"].endpoints[0];
     assert_eq!(
-        (e.address.as_str(), e.port, e.dataplane.as_str(), e.zone.as_str(), e.weight),
+        (
+            e.address.as_str(),
+            e.port,
+            e.dataplane.as_str(),
+            e.zone.as_str(),
+            e.weight
+        ),
         ("192.168.0.90", 9090, "api-1", "east", 1)
     );
     assert_eq!(e.tags["version"], "v1");
 
     // An unrelated service's proxy changes nothing for web-1.
     let (_other, _) = z
-        .register(&mk_dataplane("default", "other-1", "other", 7070, &[]), false)
+        .register(
+            &mk_dataplane("default", "other-1", "other", 7070, &[]),
+            false,
+        )
         .await;
     web.quiet(Duration::from_millis(300)).await;
 
     // ACK and NACK are recorded and visible.
-    web.send(pb::proxy_message::Msg::Ack(pb::Ack { nonce: first.nonce })).await;
+    web.send(pb::proxy_message::Msg::Ack(pb::Ack { nonce: first.nonce }))
+        .await;
     web.send(pb::proxy_message::Msg::Nack(pb::Nack {
         nonce: delta.nonce,
         reason: "services[api]: no route to 192.168.0.90".into(),
@@ -506,7 +580,10 @@ async fn full_update_then_per_service_deltas_and_withdrawal() {
     assert_eq!(cfg["services"]["api"]["endpoints"][0]["dataplane"], "api-1");
     let (status, err) = z.get("/_inspect/dataplanes/default/ghost/config").await;
     assert_eq!(status, 404);
-    assert!(err["detail"].as_str().unwrap().contains("\"ghost\""), "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("\"ghost\""),
+        "{err}"
+    );
     let m = z.metrics().await;
     assert!(m.contains("weft_dataplane_connected 3"), "{m}");
     assert!(m.contains("weft_dataplane_nacks_total 1"), "{m}");
@@ -542,7 +619,10 @@ async fn full_update_then_per_service_deltas_and_withdrawal() {
 async fn a_policy_change_sends_a_new_view_quickly() {
     let z = start(Opts::default()).await;
     let (mut web, _) = z
-        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api"]), false)
+        .register(
+            &mk_dataplane("default", "web-1", "web", 8080, &["api"]),
+            false,
+        )
         .await;
     let first = web.update().await;
     assert!(!first.view_json.unwrap().contains("MeshTrafficPermission"));
@@ -558,13 +638,16 @@ async fn a_policy_change_sends_a_new_view_quickly() {
     let at = Instant::now();
     z.store.apply(vec![mtp], false).await.unwrap();
     let u = web.update().await;
-    assert!(at.elapsed() < Duration::from_secs(1), "took {:?}", at.elapsed());
+    assert!(
+        at.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        at.elapsed()
+    );
     assert!(!u.full);
     assert!(u.services.is_empty(), "no endpoint changed: {u:?}");
     let view: Value = serde_json::from_str(u.view_json.as_deref().unwrap()).unwrap();
     assert_eq!(
-        view["inbounds"][0]["from"]["MeshTrafficPermission"][0]["conf"]["action"],
-        "Allow",
+        view["inbounds"][0]["from"]["MeshTrafficPermission"][0]["conf"]["action"], "Allow",
         "{view}"
     );
     // A policy of another mesh changes nothing here.
@@ -590,17 +673,17 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
     let key = pki::new_key().unwrap();
     // The CSR asks for another service: the zone decides the identity.
     let csr = pki::workload_csr("default", "admin", &key).unwrap();
-    web.send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
-        csr_pem: csr,
-    }))
+    web.send(pb::proxy_message::Msg::CertificateRequest(
+        pb::CertificateRequest { csr_pem: csr },
+    ))
     .await;
     let cert = match web.next().await {
         pb::zone_message::Msg::Certificate(c) => c,
         other => panic!("expected a Certificate, got {other:?}"),
     };
     assert_eq!(cert.roots_pem, [z.root.cert_pem().to_string()]);
-    let id = pki::verify_workload_pem(&cert.chain_pem, &cert.roots_pem[0], SystemTime::now())
-        .unwrap();
+    let id =
+        pki::verify_workload_pem(&cert.chain_pem, &cert.roots_pem[0], SystemTime::now()).unwrap();
     assert_eq!(id.to_string(), "spiffe://default/web");
     // The Mesh says 2h.
     let now = SystemTime::now()
@@ -617,9 +700,11 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
     assert_eq!(cfg["certificate"]["spiffeId"], "spiffe://default/web");
 
     // A bad CSR.
-    web.send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
-        csr_pem: "not a csr".into(),
-    }))
+    web.send(pb::proxy_message::Msg::CertificateRequest(
+        pb::CertificateRequest {
+            csr_pem: "not a csr".into(),
+        },
+    ))
     .await;
     match web.next().await {
         pb::zone_message::Msg::CertificateError(e) => assert!(e.reason.contains("CSR"), "{e:?}"),
@@ -633,9 +718,11 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
     assert!(!reg.mtls);
     plain.update().await;
     plain
-        .send(pb::proxy_message::Msg::CertificateRequest(pb::CertificateRequest {
-            csr_pem: pki::workload_csr("plain", "p", &key).unwrap(),
-        }))
+        .send(pb::proxy_message::Msg::CertificateRequest(
+            pb::CertificateRequest {
+                csr_pem: pki::workload_csr("plain", "p", &key).unwrap(),
+            },
+        ))
         .await;
     match plain.next().await {
         pb::zone_message::Msg::CertificateError(e) => {
@@ -643,7 +730,11 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
         }
         other => panic!("expected a CertificateError, got {other:?}"),
     }
-    assert!(z.metrics().await.contains("weft_dataplane_certificates_issued_total 1"));
+    assert!(
+        z.metrics()
+            .await
+            .contains("weft_dataplane_certificates_issued_total 1")
+    );
 }
 
 #[tokio::test]
@@ -674,7 +765,10 @@ async fn warm_up_holds_only_sessions_that_have_a_config() {
     .await;
     let started = Instant::now();
     let (mut old, _) = z
-        .register(&mk_dataplane("default", "web-1", "web", 8080, &["api"]), true)
+        .register(
+            &mk_dataplane("default", "web-1", "web", 8080, &["api"]),
+            true,
+        )
         .await;
     let (mut new, _) = z
         .register(&mk_dataplane("default", "api-1", "api", 9090, &[]), false)
@@ -686,7 +780,11 @@ async fn warm_up_holds_only_sessions_that_have_a_config() {
     // holds what registered meanwhile.
     old.quiet(Duration::from_millis(700)).await;
     let u = old.update().await;
-    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(u.full);
     assert_eq!(services(&u)["api"].endpoints.len(), 1);
     // After the warm-up, has_config does not delay anyone.

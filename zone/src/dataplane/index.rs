@@ -215,7 +215,11 @@ pub fn contributions(
             port: u32::from(ib.port.0),
             dataplane: name.to_string(),
             zone: zone.to_string(),
-            tags: ib.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            tags: ib
+                .tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             weight: 1,
         });
     }
@@ -522,14 +526,16 @@ impl Index {
         };
         let services = names
             .iter()
-            .map(|svc| match self.services.get(&(key.0.clone(), svc.clone())) {
-                Some(e) => e.build(svc),
-                None => pb::ServiceEndpoints {
-                    service: svc.clone(),
-                    protocol: "tcp".to_string(),
-                    endpoints: Vec::new(),
+            .map(
+                |svc| match self.services.get(&(key.0.clone(), svc.clone())) {
+                    Some(e) => e.build(svc),
+                    None => pb::ServiceEndpoints {
+                        service: svc.clone(),
+                        protocol: "tcp".to_string(),
+                        endpoints: Vec::new(),
+                    },
                 },
-            })
+            )
             .collect();
         let mesh_resources = if pending.view || pending.full {
             let m = self.meshes.entry(key.0.clone()).or_default();
@@ -641,7 +647,11 @@ mod tests {
     #[test]
     fn only_subscribers_of_a_changed_service_get_it() {
         let mut ix = Index::new("east");
-        let web = ix.register(mk_dataplane("web-1", "web", &["api", "db"], 8080), "web", "");
+        let web = ix.register(
+            mk_dataplane("web-1", "web", &["api", "db"], 8080),
+            "web",
+            "",
+        );
         let plan = ix.take(&key("web-1"), web.id).unwrap();
         assert!(plan.pending.full);
         assert_eq!(plan.services.len(), 2);
@@ -674,9 +684,16 @@ mod tests {
         let a = ix.register(mk_dataplane("web-1", "web", &[], 8080), "web", "");
         let b = ix.register(mk_dataplane("web-1", "web", &[], 8080), "web", "");
         assert!(a.close.token.is_cancelled());
-        assert!(a.close.reason().contains("replaced"), "{}", a.close.reason());
+        assert!(
+            a.close.reason().contains("replaced"),
+            "{}",
+            a.close.reason()
+        );
         assert!(!b.close.token.is_cancelled());
-        assert!(!ix.unregister(&key("web-1"), a.id), "the old session's end changes nothing");
+        assert!(
+            !ix.unregister(&key("web-1"), a.id),
+            "the old session's end changes nothing"
+        );
         assert_eq!(ix.online(), 1);
 
         let mut r = mk_dataplane("web-1", "web", &[], 8080);

@@ -176,7 +176,11 @@ impl Hub {
         let _ = writeln!(out, "# TYPE weft_dataplane_connected gauge");
         let _ = writeln!(out, "weft_dataplane_connected {}", self.online());
         for (name, help, v) in [
-            ("updates_sent", "Config updates sent to proxies.", &c.updates_sent),
+            (
+                "updates_sent",
+                "Config updates sent to proxies.",
+                &c.updates_sent,
+            ),
             ("acks", "Updates proxies acknowledged.", &c.acks),
             ("nacks", "Updates proxies refused.", &c.nacks),
             (

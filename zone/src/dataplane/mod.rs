@@ -132,7 +132,8 @@ impl Hub {
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 closing.cancelled().await;
-                hub.index().close_all("the zone control plane is shutting down");
+                hub.index()
+                    .close_all("the zone control plane is shutting down");
             })
             .await;
         follower.abort();
@@ -200,7 +201,11 @@ impl Hub {
     async fn relist(&self) -> store::Result<u64> {
         let rev = self.store.revision().await?;
         let mut all = Vec::new();
-        for kind in Kind::ALL.iter().copied().filter(|k| index::in_mesh_context(*k)) {
+        for kind in Kind::ALL
+            .iter()
+            .copied()
+            .filter(|k| index::in_mesh_context(*k))
+        {
             all.extend(store::list_all(&*self.store, ListQuery::all(kind)).await?);
         }
         let mut ix = self.index();
@@ -309,14 +314,23 @@ impl Hub {
         // The Mesh as stored now (the index may lag the store by a few milliseconds).
         let spec = match self.store.get(&Key::new(Kind::Mesh, None, mesh)).await {
             Ok(Some(r)) => serde_json::from_value::<MeshSpec>(r.spec).unwrap_or_default(),
-            Ok(None) => return err(format!("mesh {mesh:?} does not exist in zone {}", self.zone)),
+            Ok(None) => {
+                return err(format!(
+                    "mesh {mesh:?} does not exist in zone {}",
+                    self.zone
+                ));
+            }
             Err(e) => return err(format!("cannot read mesh {mesh:?} now: {e}")),
         };
         let Some(mtls) = spec.mtls.as_ref() else {
-            return err(format!("mesh {mesh:?} has mTLS off: no certificates are issued"));
+            return err(format!(
+                "mesh {mesh:?} has mTLS off: no certificates are issued"
+            ));
         };
         let Some(enabled) = mtls.enabled_backend.as_deref() else {
-            return err(format!("mesh {mesh:?} has mTLS off (no mtls.enabledBackend): no certificates are issued"));
+            return err(format!(
+                "mesh {mesh:?} has mTLS off (no mtls.enabledBackend): no certificates are issued"
+            ));
         };
         let Some(ca) = self.identity.get(mesh) else {
             return err(format!(
@@ -420,7 +434,9 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
         let mut inbound = req.into_inner();
         let hub = &self.hub;
         let refused = |s: Status| {
-            hub.counters.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            hub.counters
+                .sessions_refused
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(?peer, code = ?s.code(), reason = %s.message(), "refused a proxy's Hello");
             s
         };
@@ -582,7 +598,9 @@ impl Session {
                 });
             }
             Msg::CertificateRequest(c) => {
-                let msg = hub.certificate(&self.key.0, &self.service, &c.csr_pem).await;
+                let msg = hub
+                    .certificate(&self.key.0, &self.service, &c.csr_pem)
+                    .await;
                 match &msg {
                     pb::zone_message::Msg::Certificate(cert) => {
                         let id = weft_core::pki::SpiffeId::new(&self.key.0, &self.service)
@@ -593,7 +611,10 @@ impl Session {
                         hub.index().with_session(&self.key, self.id, |_, s| {
                             s.certificate = Some((not_after, id));
                         });
-                        tracing::info!(not_after = cert.not_after_unix, "issued a workload certificate");
+                        tracing::info!(
+                            not_after = cert.not_after_unix,
+                            "issued a workload certificate"
+                        );
                     }
                     pb::zone_message::Msg::CertificateError(e) => {
                         tracing::info!(reason = %e.reason, "no certificate for the proxy");
