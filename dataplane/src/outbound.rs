@@ -22,8 +22,8 @@ mod pool;
 #[path = "outbound_tcp.rs"]
 mod tcp;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -31,6 +31,7 @@ use tracing::Instrument;
 use weft_core::spec::fields::Protocol;
 
 use crate::lb;
+use crate::metrics::{Direction, ServiceMetrics};
 use crate::state::Context;
 
 pub use pool::Pool;
@@ -110,6 +111,8 @@ struct Shared {
     lb: Arc<Balancer>,
     ctx: Context,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    /// The outbound's series, resolved on the first connection.
+    metrics: OnceLock<Arc<ServiceMetrics>>,
     /// Milliseconds (since the listener started) of the last "no endpoints" warning, to log
     /// it at most once a second.
     warned: AtomicU64,
@@ -122,9 +125,18 @@ impl Shared {
             lb,
             ctx,
             server: http::server_builder(),
+            metrics: OnceLock::new(),
             warned: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }
+    }
+
+    fn metrics(&self) -> &Arc<ServiceMetrics> {
+        self.metrics.get_or_init(|| {
+            self.ctx
+                .metrics
+                .service(Direction::Outbound, self.lb.service())
+        })
     }
 
     /// Whether to log a recurring failure now (at most once a second per outbound).

@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -26,6 +27,7 @@ use weft_core::spec::fields::Protocol;
 use super::Shared;
 use super::pool::{self, Pool};
 use crate::lb::{Guard, Pick, Tried};
+use crate::metrics::Counted;
 
 type Endpoint = crate::lb::Endpoint<Pool>;
 
@@ -44,10 +46,18 @@ pub(super) fn server_builder() -> auto::Builder<TokioExecutor> {
 /// Serve one application connection until it closes, or until draining (then the requests
 /// in flight finish and the connection closes).
 pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let metrics = shared.metrics();
+    let _active = metrics.connection();
+    let stream = Counted::new(stream, metrics.clone());
     let s = shared.clone();
     let service = hyper::service::service_fn(move |req| {
         let s = s.clone();
-        async move { Ok::<_, Infallible>(proxy(&s, req).await) }
+        async move {
+            let start = Instant::now();
+            let resp = proxy(&s, req).await;
+            s.metrics().request(resp.status().as_u16(), start.elapsed());
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = shared
         .server

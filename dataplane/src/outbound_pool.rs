@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -27,7 +26,9 @@ use weft_core::pki::SpiffeId;
 use weft_core::spec::fields::Protocol;
 
 use crate::lb;
+use crate::metrics::Direction;
 use crate::state::Context;
+use crate::tls;
 
 /// Connecting (TCP) and the TLS handshake each have this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -35,9 +36,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/1.1 connections kept per endpoint.
 pub const MAX_IDLE: usize = 256;
-
-/// The server name given to rustls: any fixed name does, the verifier checks the SPIFFE ID.
-const SERVER_NAME: &str = "outbound.weft.mesh";
 
 type Endpoint = lb::Endpoint<Pool>;
 
@@ -183,16 +181,17 @@ async fn connect_inner(
     let config = ctx
         .identity
         .client_config(&expected, alpn.iter().map(|p| p.to_vec()).collect());
-    let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
-    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
-    match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp);
+    let r = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => Ok(Io::Tls(Box::new(tls))),
         Ok(Err(e)) => Err(ConnectError::Tls(authority(), e)),
         Err(_) => Err(ConnectError::Tls(
             authority(),
             io::Error::new(io::ErrorKind::TimedOut, "timed out"),
         )),
-    }
+    };
+    ctx.metrics.tls_handshake(Direction::Outbound, r.is_ok());
+    r
 }
 
 /// ALPN for an upstream of `protocol`.

@@ -6,9 +6,12 @@ use tokio::net::TcpStream;
 use super::Shared;
 use super::pool;
 use crate::lb::{Pick, Tried};
+use crate::metrics::Counted;
 
-pub(super) async fn serve(mut app: TcpStream, s: &Shared) {
+pub(super) async fn serve(app: TcpStream, s: &Shared) {
     let service = s.lb.service();
+    let _active = s.metrics().connection();
+    let mut app = Counted::new(app, s.metrics().clone());
     let mut tried = Tried::new();
     let mut last = String::new();
     loop {

@@ -387,6 +387,12 @@ async fn round_robin_spreads_over_three_upstreams() {
         // One keep-alive client, sequential requests: one pooled connection each.
         assert_eq!(u.open.load(SeqCst), 1, "{}", u.name);
     }
+    let metrics = proxy.ctx.metrics.render(&proxy.ctx.identity);
+    let requests = metrics
+        .lines()
+        .find(|l| l.contains("outbound") && l.contains("backend") && l.contains("2xx"))
+        .unwrap_or_else(|| panic!("no outbound 2xx series:\n{metrics}"));
+    assert!(requests.ends_with(" 30"), "{requests}");
 }
 
 #[tokio::test]
