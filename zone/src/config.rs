@@ -431,3 +431,57 @@ fn read_file(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("reading config file {}", path.display()))?;
     serde_saphyr::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(argv: &[&str]) -> anyhow::Result<Config> {
+        let argv = ["weft-zone", "run", "--zone", "east"].iter().chain(argv);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+        Config::resolve(args)
+    }
+
+    #[test]
+    fn data_plane_flags() {
+        let d = resolve(&[]).unwrap().dataplane;
+        assert_eq!(d, Dataplane::default());
+        assert_eq!(d.address.to_string(), "127.0.0.1:5683");
+        let d = resolve(&[
+            "--dataplane-address",
+            "0.0.0.0:6000",
+            "--dataplane-san",
+            "zone.example.com,10.0.0.5",
+            "--workload-cert-validity",
+            "2h",
+            "--dataplane-warmup",
+            "0s",
+        ])
+        .unwrap()
+        .dataplane;
+        assert_eq!(d.address.to_string(), "0.0.0.0:6000");
+        assert_eq!(d.sans, ["zone.example.com", "10.0.0.5"]);
+        assert_eq!(
+            d.workload_cert_validity,
+            std::time::Duration::from_secs(7200)
+        );
+        assert_eq!(d.warmup, std::time::Duration::ZERO);
+        let e = resolve(&["--dataplane-cert-file", "/c.pem"]).unwrap_err();
+        assert!(e.to_string().contains("needs --dataplane-key-file"), "{e}");
+        let e = resolve(&["--workload-cert-validity", "10s"]).unwrap_err();
+        assert!(e.to_string().contains("too short"), "{e}");
+        let e = resolve(&[
+            "--dataplane-cert-file",
+            "/c.pem",
+            "--dataplane-key-file",
+            "/k.pem",
+            "--dataplane-san",
+            "x.example.com",
+        ])
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("only applies to the generated"),
+            "{e}"
+        );
+    }
+}
