@@ -78,6 +78,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// At least one readable PEM certificate.
+fn check_ca(pem: &str) -> anyhow::Result<()> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("not readable PEM: {e}"))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no PEM certificate in the file (expected the zone's dataplane-ca.pem)"
+    );
+    Ok(())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<weft_core::validate::Duration>()
         .map(|d| d.as_std())
@@ -120,11 +134,8 @@ impl Config {
         );
         let zone_ca_pem = std::fs::read_to_string(&args.zone_ca_file)
             .with_context(|| format!("--zone-ca-file {}", args.zone_ca_file.display()))?;
-        anyhow::ensure!(
-            zone_ca_pem.contains("-----BEGIN CERTIFICATE-----"),
-            "--zone-ca-file {}: no PEM certificate in the file (expected the zone's dataplane-ca.pem)",
-            args.zone_ca_file.display()
-        );
+        check_ca(&zone_ca_pem)
+            .with_context(|| format!("--zone-ca-file {}", args.zone_ca_file.display()))?;
         crate::client::check_address(&args.zone_address)?;
         let admin_address = args.admin_address.unwrap_or_else(|| {
             let port = dataplane
@@ -309,6 +320,14 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(err.contains("expected one Dataplane document"), "{err}");
+    }
+
+    #[test]
+    fn the_zone_ca_must_hold_a_certificate() {
+        assert!(check_ca("").is_err());
+        assert!(check_ca("-----BEGIN CERTIFICATE-----\nnot base64\n").is_err());
+        let ca = weft_core::pki::RootCa::generate("default", Duration::from_secs(60)).unwrap();
+        check_ca(ca.cert_pem()).unwrap();
     }
 
     #[test]

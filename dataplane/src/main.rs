@@ -200,16 +200,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Drain: stop accepting, let open connections finish within the timeout.
     ctx.draining.cancel();
     ctx.tasks.close();
-    if tokio::time::timeout(cfg.drain_timeout, ctx.tasks.wait())
-        .await
-        .is_ok()
-    {
-        tracing::info!("drained: every connection finished");
-    } else {
-        tracing::warn!(
-            cut = ctx.tasks.len(),
-            "drain timeout: cutting the connections still open"
-        );
+    tokio::select! {
+        _ = ctx.tasks.wait() => {
+            tracing::info!("drained: every connection finished");
+            return Ok(());
+        }
+        _ = tokio::time::sleep(cfg.drain_timeout) => {
+            tracing::warn!(cut = ctx.tasks.len(), "drain timeout: cutting the connections still open");
+        }
+        s = signals.recv() => {
+            tracing::warn!(signal = s, cut = ctx.tasks.len(), "second signal: cutting the connections still open");
+        }
     }
     Ok(())
 }

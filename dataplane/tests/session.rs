@@ -584,13 +584,16 @@ struct Binary {
 
 impl Binary {
     fn start(zone: &Zone, inbound_port: u16) -> Binary {
+        Binary::start_with(
+            zone,
+            &DATAPLANE.replace("port: 18080", &format!("port: {inbound_port}")),
+        )
+    }
+
+    fn start_with(zone: &Zone, dataplane: &str) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let dp = dir.path().join("dp.yaml");
-        std::fs::write(
-            &dp,
-            DATAPLANE.replace("port: 18080", &format!("port: {inbound_port}")),
-        )
-        .unwrap();
+        std::fs::write(&dp, dataplane).unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "dp-token-123").unwrap();
         let ca = dir.path().join("ca.pem");
@@ -725,4 +728,68 @@ async fn the_binary_exits_1_when_an_inbound_cannot_bind() {
         "{}",
         dp.stderr()
     );
+}
+
+#[tokio::test]
+async fn sigterm_waits_for_open_connections_up_to_the_drain_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // The application: accepts and holds every connection, echoing what it reads.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 || c.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut zone = Zone::start().await;
+    let inbound_port = free_port();
+    let mut dp = Binary::start_with(
+        &zone,
+        &DATAPLANE.replace(
+            "port: 18080",
+            &format!("port: {inbound_port}\n        servicePort: {app_port}"),
+        ),
+    );
+    let mut s = zone.session().await;
+    s.register(false).await;
+    s.send(full_update(1)).await;
+    assert_eq!(s.recv().await, ProxyMsg::Ack(pb::Ack { nonce: 1 }));
+    let deadline = Instant::now() + WAIT;
+    while get(dp.admin, "/ready").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready: {}", dp.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A connection through the inbound, open when the signal comes.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", inbound_port))
+        .await
+        .unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, c.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let signalled = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &dp.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(dp.exit_code().await, Some(0), "{}", dp.stderr());
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "exited after {took:?}, before the drain timeout (2s), with a connection open: {}",
+        dp.stderr()
+    );
+    assert!(dp.stderr().contains("cut=1"), "{}", dp.stderr());
 }
