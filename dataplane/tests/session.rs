@@ -793,3 +793,74 @@ async fn sigterm_waits_for_open_connections_up_to_the_drain_timeout() {
     );
     assert!(dp.stderr().contains("cut=1"), "{}", dp.stderr());
 }
+
+#[tokio::test]
+async fn with_mtls_the_binary_serves_once_the_certificate_is_installed() {
+    let (root, ca) = mk_mesh_ca();
+    let mut zone = Zone::start().await;
+    let dp = Binary::start(&zone, free_port());
+    let mut s = zone.session().await;
+    s.register(true).await;
+    s.send(full_update(1)).await;
+    let mut csr = None;
+    for _ in 0..2 {
+        match s.recv().await {
+            ProxyMsg::CertificateRequest(r) => csr = Some(r.csr_pem),
+            ProxyMsg::Ack(a) => assert_eq!(a.nonce, 1),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    let (status, body) = loop {
+        if let Some(r) = get(dp.admin, "/ready").await {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no admin endpoint: {}",
+            dp.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (status, body.trim()),
+        (503, "no workload certificate yet (the mesh has mTLS)")
+    );
+
+    let cert = ca
+        .issue_workload(
+            &csr.unwrap(),
+            "default",
+            "web",
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    s.send(ZoneMsg::Certificate(pb::Certificate {
+        chain_pem: cert.chain_pem,
+        roots_pem: vec![root.cert_pem().to_string()],
+        not_after_unix: cert.not_after.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64,
+    }))
+    .await;
+    while get(dp.admin, "/ready").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready: {}", dp.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, body) = get(dp.admin, "/config").await.unwrap();
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["certificate"]["spiffeId"], "spiffe://default/web");
+    let not_after =
+        chrono::DateTime::parse_from_rfc3339(config["certificate"]["notAfter"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(
+        not_after.timestamp(),
+        cert.not_after.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    );
+    let (_, metrics) = get(dp.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(
+            "weft_dp_certificates_total{mesh=\"default\",zone=\"east\",dataplane=\"web-1\",result=\"installed\"} 1"
+        ),
+        "{metrics}"
+    );
+}
