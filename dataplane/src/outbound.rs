@@ -110,7 +110,6 @@ pub async fn serve(
 struct Shared {
     lb: Arc<Balancer>,
     ctx: Context,
-    server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     /// The outbound's series, resolved on the first connection.
     metrics: OnceLock<Arc<ServiceMetrics>>,
     /// Milliseconds (since the listener started) of the last "no endpoints" warning, to log
@@ -124,7 +123,6 @@ impl Shared {
         Shared {
             lb,
             ctx,
-            server: http::server_builder(),
             metrics: OnceLock::new(),
             warned: AtomicU64::new(0),
             started: std::time::Instant::now(),

@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Instant;
 
@@ -34,13 +34,16 @@ type Endpoint = crate::lb::Endpoint<Pool>;
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The server side, built once per listener.
-pub(super) fn server_builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // Application to its own sidecar: no header read timeout (it would arm a timer per
-    // request), keep-alive on.
-    b.http1().keep_alive(true).header_read_timeout(None);
-    b
+/// The server side, one for every outbound.
+fn server() -> &'static auto::Builder<TokioExecutor> {
+    static SERVER: OnceLock<auto::Builder<TokioExecutor>> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        // Application to its own sidecar: no header read timeout (it would arm a timer per
+        // request), keep-alive on.
+        b.http1().keep_alive(true).header_read_timeout(None);
+        b
+    })
 }
 
 /// Serve one application connection until it closes, or until draining (then the requests
@@ -59,9 +62,7 @@ pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = shared
-        .server
-        .serve_connection(TokioIo::new(stream), service);
+    let conn = server().serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
@@ -181,11 +182,19 @@ async fn send_h2(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent 
             },
         }
     }
-    let mut tx = match pool::connect_h2(ep, &s.ctx, s.lb.service()).await {
-        Ok(tx) => tx,
-        Err(e) => return Sent::Retry(req, e.to_string()),
+    // One connection per endpoint: whoever connects first, the others wait and share it.
+    let connecting = ep.ext.connecting.lock().await;
+    let mut tx = match ep.ext.h2() {
+        Some(tx) => tx,
+        None => match pool::connect_h2(ep, &s.ctx, s.lb.service()).await {
+            Ok(tx) => {
+                ep.ext.set_h2(&tx);
+                tx
+            }
+            Err(e) => return Sent::Retry(req, e.to_string()),
+        },
     };
-    ep.ext.set_h2(&tx);
+    drop(connecting);
     if let Err(e) = tx.ready().await {
         return Sent::Retry(req, e.to_string());
     }

@@ -44,6 +44,8 @@ type Endpoint = lb::Endpoint<Pool>;
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Held while making the HTTP/2 connection.
+    pub(super) connecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]

@@ -564,6 +564,12 @@ async fn no_endpoints_is_a_503() {
 async fn h2c_requests_and_trailers_go_through() {
     let up = Upstream::start("a").await;
     let proxy = Proxy::start(full(view(false, false), vec![service("grpc", &[up.addr])])).await;
+    // Many concurrent first requests make and share one upstream connection.
+    let client = h2c();
+    let url = proxy.url("/");
+    let all = futures::future::join_all((0..20).map(|_| get(&client, &url))).await;
+    assert!(all.iter().all(|a| a.status == StatusCode::OK));
+    assert_eq!(up.open.load(SeqCst), 1);
     let a = get(&h2c(), &proxy.url("/trailers")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header("x-version"), "HTTP/2.0");
@@ -580,12 +586,6 @@ async fn h2c_requests_and_trailers_go_through() {
     assert_eq!(a.header("x-version"), "HTTP/2.0");
     assert_eq!(a.header("x-host"), "backend.mesh");
     assert_eq!(a.header("x-path"), "/x");
-    // Many concurrent requests share one upstream connection.
-    let client = h2c();
-    let url = proxy.url("/");
-    let all = futures::future::join_all((0..20).map(|_| get(&client, &url))).await;
-    assert!(all.iter().all(|a| a.status == StatusCode::OK));
-    assert_eq!(up.open.load(SeqCst), 1);
 }
 
 #[tokio::test]
