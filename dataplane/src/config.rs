@@ -64,9 +64,9 @@ pub struct RunArgs {
     /// On SIGTERM, how long open connections get to finish (e.g. 10s, 500ms, 1m).
     #[arg(long, env = "WEFT_DP_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Log filter, RUST_LOG syntax (e.g. info, weft_dp=debug).
-    #[arg(long, env = "WEFT_DP_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Log filter, RUST_LOG syntax (e.g. info, weft_dp=debug); else RUST_LOG, else info.
+    #[arg(long, env = "WEFT_DP_LOG_LEVEL")]
+    pub log_level: Option<String>,
     /// Log lines as text, or as JSON objects (one per line).
     #[arg(long, env = "WEFT_DP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -154,7 +154,10 @@ impl Config {
             admin_address,
             threads: args.threads,
             drain_timeout: args.drain_timeout,
-            log_level: args.log_level,
+            log_level: args
+                .log_level
+                .or_else(|| std::env::var("RUST_LOG").ok())
+                .unwrap_or_else(|| "info".to_string()),
             log_format: args.log_format,
         })
     }
