@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -145,7 +145,14 @@ async fn send_h1(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent 
     // Pooled connections first. One the server closed before our request was written gives
     // the request back: try the next, then a new connection.
     while let Some(mut tx) = ep.ext.take_h1() {
-        if tx.ready().await.is_err() {
+        // Idle connections are ready at once, but one may still be writing the previous
+        // request's body (the server answered early): not worth waiting long for.
+        if !tx.is_ready()
+            && !matches!(
+                tokio::time::timeout(Duration::from_millis(50), tx.ready()).await,
+                Ok(Ok(()))
+            )
+        {
             continue;
         }
         match tx.try_send_request(req).await {
