@@ -19,6 +19,10 @@
 //!   their in-flight requests.
 //! - tcp: authorized when the connection starts and again on every configuration change; a
 //!   denied connection is reset (SO_LINGER 0). Bytes are copied both ways.
+//!
+//! A plaintext connection accepted before the mesh turned mTLS on is refused from then on
+//! (HTTP: 403 per request; TCP: reset). An unreachable application gets a 502 (HTTP) or a
+//! closed connection (TCP), and a warning.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -37,7 +41,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 use weft_core::policy::ProxyView;
@@ -254,10 +258,12 @@ impl Listener {
             Ok(Ok(app)) => app,
             Ok(Err(e)) => {
                 tracing::warn!(app = %self.inbound.app, error = %e, "inbound: application unreachable");
+                let _ = down.shutdown().await;
                 return;
             }
             Err(_) => {
                 tracing::warn!(app = %self.inbound.app, "inbound: application unreachable (connect timed out)");
+                let _ = down.shutdown().await;
                 return;
             }
         };

@@ -516,6 +516,21 @@ async fn tcp_denied_connections_are_reset() {
 }
 
 #[tokio::test]
+async fn tcp_to_an_unreachable_application_is_closed() {
+    let ca = Ca::new();
+    let web = ca.identity("web");
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(ca.identity("backend"), Protocol::Tcp, gone, allow_web).await;
+    let mut conn = mtls(&web, &proxy, &[]).await.unwrap();
+    // Closed cleanly (TLS close_notify, not a reset: nobody denied anything).
+    assert_eq!(read_end(&mut conn).await, None);
+}
+
+#[tokio::test]
 async fn rotation_keeps_open_connections() {
     let ca = Ca::new();
     let web = ca.identity("web");
