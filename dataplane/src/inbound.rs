@@ -95,7 +95,7 @@ pub async fn run(listener: TcpListener, inbound: Inbound, ctx: Context) -> anyho
         let l = shared.clone();
         ctx.tasks.spawn(
             l.serve(stream, peer)
-                .instrument(tracing::debug_span!("inbound", port, %peer)),
+                .instrument(tracing::debug_span!("conn", %peer)),
         );
     }
 }
