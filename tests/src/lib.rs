@@ -3,6 +3,7 @@
 //! proxies between them, and dump every process's log when a test fails.
 
 pub mod api;
+pub mod dp;
 pub mod fixtures;
 pub mod proxy;
 pub mod zone;
@@ -64,12 +65,14 @@ pub enum Backend {
 
 /// A running `weft-global` process on its own ports and data dir.
 pub struct Global {
+    /// First: fields drop in order, and the process's log must be printed before the data
+    /// dir holding it is removed.
+    proc: Proc,
     pub port: u16,
     /// Where zones connect (KDS).
     pub kds_port: u16,
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
-    proc: Proc,
     pub admin_token: String,
     /// Extra `weft-global run` flags, kept across restarts and given to replicas.
     args: Vec<String>,
@@ -315,6 +318,11 @@ impl Proc {
             Some(c) => c.try_wait()?,
             None => None,
         })
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `kill -9`: no graceful shutdown, no flush.

@@ -80,6 +80,7 @@ impl Builder {
     pub async fn start(self) -> anyhow::Result<Zone> {
         let data_dir = tempfile::tempdir()?;
         let token_file = data_dir.path().join("zone-token");
+        let dataplane_port = free_port();
         if let Token::Text(t) = &self.token {
             std::fs::write(&token_file, t)?;
         }
@@ -91,6 +92,8 @@ impl Builder {
             format!("127.0.0.1:{}", free_port()),
             "--data-dir".to_string(),
             data_dir.path().display().to_string(),
+            "--dataplane-address".to_string(),
+            format!("127.0.0.1:{dataplane_port}"),
         ];
         if !self.addresses.is_empty() {
             args.extend([
@@ -122,6 +125,7 @@ impl Builder {
         let mut z = Zone {
             name: self.name,
             api_port,
+            dataplane_port,
             proc,
             token_file,
             data_dir,
@@ -135,12 +139,14 @@ impl Builder {
 
 /// A running `weft-zone` process.
 pub struct Zone {
+    /// First: the log is printed on drop, before the data dir holding it is removed.
+    proc: Proc,
     pub name: String,
     pub api_port: u16,
+    pub dataplane_port: u16,
     pub data_dir: tempfile::TempDir,
     /// The file `--zone-token-file` names (it may not exist).
     pub token_file: PathBuf,
-    proc: Proc,
     args: Vec<String>,
     /// The zone's admin API token (new on every start: the store is in memory).
     pub admin_token: String,
@@ -171,6 +177,16 @@ impl Zone {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Where proxies connect (the data-plane API, TLS).
+    pub fn dataplane_address(&self) -> String {
+        format!("127.0.0.1:{}", self.dataplane_port)
+    }
+
+    /// The CA proxies verify the data-plane API with (`--zone-ca-file`).
+    pub fn dataplane_ca_file(&self) -> PathBuf {
+        self.data_dir.path().join("dataplane-ca.pem")
     }
 
     /// The zone's REST API with its admin token.
