@@ -509,6 +509,8 @@ fn a_non_dataplane_is_refused() {
 const SNAPSHOT: &str = r#"{
   "mesh": "default",
   "dataplane": "backend-1",
+  "mtls": false,
+  "defaultDeny": false,
   "inbounds": [
     {
       "port": 18080,
@@ -681,4 +683,19 @@ spec:
         json!({"connectionTimeout": "3s"})
     );
     assert!(view.outbounds["ledger"].is_empty());
+}
+
+#[test]
+fn the_mesh_decides_mtls_and_default_deny() {
+    let mesh = |spec: &str| parse(&format!("type: Mesh\nname: default\nspec: {spec}\n"));
+    let mtls = "{mtls: {enabledBackend: ca-1, backends: [{name: ca-1, type: builtin}]}}";
+    let view = policy::resolve(&mk_dataplane(), &mesh(mtls)).unwrap();
+    assert!(view.mtls && view.default_deny, "mTLS on: deny by default");
+    let open = "{mtls: {enabledBackend: ca-1, backends: [{name: ca-1, type: builtin}]}, defaultDeny: false}";
+    let view = policy::resolve(&mk_dataplane(), &mesh(open)).unwrap();
+    assert!(view.mtls && !view.default_deny, "defaultDeny: false wins");
+    let view = policy::resolve(&mk_dataplane(), &mesh("{defaultDeny: true}")).unwrap();
+    assert!(!view.mtls && view.default_deny);
+    let view = policy::resolve(&mk_dataplane(), &mesh("{}")).unwrap();
+    assert!(!view.mtls && !view.default_deny);
 }
