@@ -180,12 +180,30 @@ async fn a_zone_gets_an_intermediate_chained_to_the_mesh_root_and_never_the_root
     }
     // ... nor in its log or its data dir; nor in global's answers about the mesh.
     assert_no_key("zone a's log", &a.logs(), &root_key);
+    // The only keys there are the zone's own data-plane TLS keys (its CA for the API proxies
+    // dial, and the server's): not the root's, and not any CA of the mesh.
+    let mut own_keys = Vec::new();
     for entry in std::fs::read_dir(a.data_dir.path()).unwrap() {
         let path = entry.unwrap().path();
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("dataplane-") && name.ends_with("-key.pem") {
+            own_keys.push(name.clone());
+            for line in pem_body_lines(&root_key) {
+                assert!(!text.contains(line), "{name} holds part of the root key");
+            }
+        } else {
             assert_no_key(&path.display().to_string(), &text, &root_key);
         }
     }
+    own_keys.sort();
+    assert_eq!(
+        own_keys,
+        ["dataplane-ca-key.pem", "dataplane-server-key.pem"],
+        "unexpected key files in the zone's data dir"
+    );
     for p in ["/meshes", "/meshes/secure", "/_inspect/zones"] {
         let text = g
             .api()
