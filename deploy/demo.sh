@@ -60,7 +60,7 @@ sidecar() {
   local name=$1 service=$2 zone=$3 admin=$4
   printf '%s\n' "$5" >"$data/$name.yaml"
   target/debug/weftctl generate dataplane-token --mesh payments --name "$name" --service "$service" \
-    --valid-for 24h >"$data/$name.token"
+    --valid-for 24h >"$data/$name.token" 2>/dev/null
   target/debug/weft-dp run --zone-address "https://127.0.0.1:$(dp_port "$zone")" \
     --zone-ca-file "$data/$zone/dataplane-ca.pem" --dataplane-file "$data/$name.yaml" \
     --token-file "$data/$name.token" --admin-address "127.0.0.1:$admin" >"$data/$name.log" 2>&1 &
