@@ -39,8 +39,11 @@ pub fn kinds(dir: Direction) -> Vec<Kind> {
         .iter()
         .copied()
         .filter(|k| match dir {
-            // Zones need other zones' ingresses to route cross-zone traffic.
-            Direction::GlobalToZone => k.owner() == Owner::Global || *k == Kind::ZoneIngress,
+            // Zones need other zones' ingresses and services (with their instance counts:
+            // the per-service availability) to route cross-zone traffic.
+            Direction::GlobalToZone => {
+                k.owner() == Owner::Global || matches!(k, Kind::ZoneIngress | Kind::MeshService)
+            }
             Direction::ZoneToGlobal => k.owner() == Owner::Zone,
         })
         .collect()

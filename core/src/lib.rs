@@ -8,6 +8,7 @@
 pub mod document;
 pub mod kds;
 pub mod kind;
+pub mod names;
 pub mod pki;
 pub mod policy;
 pub mod resource;
@@ -27,3 +28,6 @@ pub const ORIGIN_LABEL: &str = "weft.io/origin";
 pub const ZONE_LABEL: &str = "weft.io/zone";
 /// The mesh created on first start.
 pub const DEFAULT_MESH: &str = "default";
+/// Label on resources a control plane generates and maintains itself (value: the component,
+/// e.g. `weft-zone` on the MeshServices a zone derives from its dataplanes).
+pub const MANAGED_BY_LABEL: &str = "weft.io/managed-by";

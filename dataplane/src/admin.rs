@@ -204,6 +204,9 @@ impl Admin {
                 let mut body = serde_json::to_string_pretty(&self.config())
                     .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
                 body.push('\n');
+                // The document (and the JSON tree behind it) is large with many services:
+                // give the memory back once it has been sent.
+                crate::memory::trim_soon();
                 response(StatusCode::OK, "application/json", body)
             }
             _ => {

@@ -7,13 +7,14 @@
 //!
 //! Session side: [`config`] (flags), [`client`] (the zone session, certificates), [`admin`]
 //! (`/ready`, `/config`, `/metrics`), `main.rs`. Traffic side: [`tls`], [`inbound`],
-//! [`outbound`], [`lb`], [`metrics`]. [`state`] is the contract between the two.
+//! [`outbound`], [`lb`], [`metrics`]; [`memory`] trims the heap after bursts. [`state`] is the contract between the two.
 
 pub mod admin;
 pub mod client;
 pub mod config;
 pub mod inbound;
 pub mod lb;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod state;

@@ -17,7 +17,7 @@ use weft_dp::admin::{self, Admin};
 use weft_dp::client;
 use weft_dp::config::{Cli, Command, Config, LogFormat};
 use weft_dp::state::{Context, Labels, State};
-use weft_dp::{inbound, metrics, outbound, tls};
+use weft_dp::{inbound, memory, metrics, outbound, tls};
 
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
@@ -132,6 +132,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         zone = %cfg.zone_address, dataplane = %dp.name, mesh = %dp.mesh,
         version = env!("CARGO_PKG_VERSION"), "starting"
     );
+    tokio::spawn(memory::trimmer(ctx.state.subscribe()));
     let mut session_task = tokio::spawn(
         client
             .run(stop.clone())

@@ -523,8 +523,9 @@ fn flow_table() {
         g2z.contains(&Kind::MeshTimeout)
             && g2z.contains(&Kind::Mesh)
             && g2z.contains(&Kind::ZoneIngress)
+            && g2z.contains(&Kind::MeshService)
     );
-    assert!(!g2z.contains(&Kind::Dataplane));
+    assert!(!g2z.contains(&Kind::Dataplane) && !g2z.contains(&Kind::ZoneEgress));
     assert_eq!(
         z2g,
         vec![

@@ -17,6 +17,18 @@ pub struct MeshServiceSpec {
     pub ports: Vec<ServicePort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<Identity>,
+    /// Maintained by the zone the service runs in (users leave it out): this is the
+    /// per-service availability other zones route by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MeshServiceStatus>,
+}
+
+/// What a zone reports about one of its services.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshServiceStatus {
+    /// Online instances (dataplanes with a ready inbound for the service) in the zone.
+    pub instances: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
