@@ -44,6 +44,9 @@ pub struct Config {
     pub mesh: String,
     /// The service the CSR names (the zone decides the identity).
     pub service: String,
+    /// Ask the zone for the mesh's VIP table and every service's endpoints (`--dns-address`
+    /// or `--bind-vips`).
+    pub virtual_outbounds: bool,
     pub timing: Timing,
 }
 
@@ -57,6 +60,7 @@ impl Config {
             name: cfg.dataplane.name.clone(),
             mesh: cfg.dataplane.mesh.clone(),
             service: cfg.dataplane.service(),
+            virtual_outbounds: cfg.virtual_outbounds(),
             timing: Timing::default(),
         }
     }
@@ -437,6 +441,7 @@ impl Client {
             dataplane: self.cfg.dataplane.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             has_config: self.state.has_config(),
+            virtual_outbounds: self.cfg.virtual_outbounds,
         };
         send(&tx, ProxyMsg::Hello(hello)).await?;
         // A CSR sent on an earlier stream will not be answered on this one.

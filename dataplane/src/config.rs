@@ -70,6 +70,22 @@ pub struct RunArgs {
     /// Log lines as text, or as JSON objects (one per line).
     #[arg(long, env = "WEFT_DP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve DNS (UDP and TCP) on this address, e.g. 127.0.0.1:15053: `<service>.mesh` and
+    /// `<service>.<zone>.mesh` resolve to the mesh's VIPs, other names are forwarded upstream.
+    /// Off by default.
+    #[arg(long, env = "WEFT_DP_DNS_ADDRESS")]
+    pub dns_address: Option<SocketAddr>,
+    /// The TTL of the VIP answers (e.g. 30s).
+    #[arg(long, env = "WEFT_DP_DNS_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub dns_ttl: Duration,
+    /// Where names outside `.mesh` are forwarded, IP:PORT; default the first `nameserver` of
+    /// /etc/resolv.conf, port 53.
+    #[arg(long, env = "WEFT_DP_DNS_UPSTREAM")]
+    pub dns_upstream: Option<SocketAddr>,
+    /// Listen on every VIP:port of the mesh's VIP table (outbounds without declaring them).
+    /// Off by default: several proxies on one host would collide.
+    #[arg(long, env = "WEFT_DP_BIND_VIPS")]
+    pub bind_vips: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,6 +125,55 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// The embedded DNS server, when `--dns-address` is set.
+    pub dns: Option<crate::dns::Config>,
+    /// `--bind-vips`: an outbound listener on every VIP:port.
+    pub bind_vips: bool,
+}
+
+/// The first `nameserver` of a resolv.conf, port 53.
+pub fn resolv_conf_nameserver(text: &str) -> Option<SocketAddr> {
+    text.lines()
+        .map(|l| l.split(['#', ';']).next().unwrap_or("").split_whitespace())
+        .find_map(|mut words| {
+            (words.next() == Some("nameserver"))
+                .then(|| words.next()?.split('%').next()?.parse::<IpAddr>().ok())
+                .flatten()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+}
+
+fn dns_config(args: &RunArgs) -> anyhow::Result<Option<crate::dns::Config>> {
+    let Some(address) = args.dns_address else {
+        return Ok(None);
+    };
+    let upstream = match args.dns_upstream {
+        Some(u) => u,
+        None => {
+            let text = std::fs::read_to_string("/etc/resolv.conf").with_context(|| {
+                "--dns-address: reading /etc/resolv.conf for the upstream resolver (or set --dns-upstream IP:PORT)"
+            })?;
+            resolv_conf_nameserver(&text).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--dns-address: no nameserver in /etc/resolv.conf (set --dns-upstream IP:PORT)"
+                )
+            })?
+        }
+    };
+    anyhow::ensure!(
+        upstream != address,
+        "--dns-upstream {upstream}: the same as --dns-address (queries would loop; name the real resolver)"
+    );
+    anyhow::ensure!(
+        !args.dns_ttl.is_zero() && args.dns_ttl.as_secs() <= u64::from(u32::MAX),
+        "--dns-ttl: must be at least 1s (e.g. 30s)"
+    );
+    Ok(Some(crate::dns::Config {
+        address,
+        upstream,
+        ttl: args.dns_ttl,
+        upstream_timeout: crate::dns::UPSTREAM_TIMEOUT,
+    }))
 }
 
 /// The Dataplane this proxy runs: the file's text (sent to the zone as is) and its parsed form.
@@ -137,6 +202,7 @@ impl Config {
         check_ca(&zone_ca_pem)
             .with_context(|| format!("--zone-ca-file {}", args.zone_ca_file.display()))?;
         crate::client::check_address(&args.zone_address)?;
+        let dns = dns_config(&args)?;
         let admin_address = args.admin_address.unwrap_or_else(|| {
             let port = dataplane
                 .spec
@@ -159,7 +225,14 @@ impl Config {
                 .or_else(|| std::env::var("RUST_LOG").ok())
                 .unwrap_or_else(|| "info".to_string()),
             log_format: args.log_format,
+            dns,
+            bind_vips: args.bind_vips,
         })
+    }
+
+    /// Whether the zone should send the VIP table and every service's endpoints.
+    pub fn virtual_outbounds(&self) -> bool {
+        self.dns.is_some() || self.bind_vips
     }
 }
 
@@ -260,9 +333,9 @@ impl Dataplane {
                     .as_ref()
                     .map_or(DEFAULT_OUTBOUND_ADDRESS.to_string(), |a| a.0.clone()),
                 port: ob.port.0,
-                outbound: outbound::Outbound {
-                    service: ob.tags.get(SERVICE_TAG).cloned().unwrap_or_default(),
-                },
+                outbound: outbound::Outbound::new(
+                    ob.tags.get(SERVICE_TAG).map_or("", String::as_str),
+                ),
             })
             .collect()
     }
@@ -356,9 +429,70 @@ spec:
         assert_eq!(args.threads, 1);
         assert_eq!(args.drain_timeout, Duration::from_secs(90));
         assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(args.dns_address, None);
+        assert_eq!(args.dns_ttl, Duration::from_secs(30));
+        assert!(!args.bind_vips);
         assert!(
             Cli::try_parse_from(["weft-dp", "run", "--threads", "0"]).is_err(),
             "--threads 0 is refused"
         );
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# comment\nsearch example.com\nnameserver fe80::1%eth0\nnameserver 10.0.0.2\n";
+        assert_eq!(
+            resolv_conf_nameserver(text),
+            Some("[fe80::1]:53".parse().unwrap())
+        );
+        assert_eq!(
+            resolv_conf_nameserver("nameserver 10.0.0.2 # x\n"),
+            Some("10.0.0.2:53".parse().unwrap())
+        );
+        assert_eq!(resolv_conf_nameserver("search x\nnameserver\n"), None);
+    }
+
+    #[test]
+    fn dns_flags() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["weft-dp", "run", "--zone-address", "https://a:1"];
+            argv.extend_from_slice(&[
+                "--zone-ca-file",
+                "c",
+                "--dataplane-file",
+                "d",
+                "--token-file",
+                "t",
+            ]);
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run expected")
+            };
+            *args
+        };
+        assert!(dns_config(&parse(&[])).unwrap().is_none());
+        let cfg = dns_config(&parse(&[
+            "--dns-address",
+            "127.0.0.1:15053",
+            "--dns-upstream",
+            "127.0.0.1:53",
+            "--dns-ttl",
+            "5s",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.upstream, "127.0.0.1:53".parse().unwrap());
+        assert_eq!(cfg.ttl, Duration::from_secs(5));
+        let err = dns_config(&parse(&[
+            "--dns-address",
+            "127.0.0.1:15053",
+            "--dns-upstream",
+            "127.0.0.1:15053",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--dns-upstream"), "{err}");
+        let args = parse(&["--bind-vips"]);
+        assert!(args.bind_vips);
     }
 }

@@ -11,6 +11,14 @@
 //! the watched configuration changed (an atomic version check), and the clock is read only
 //! when some endpoint is ejected.
 //!
+//! Locality: endpoints in the proxy's own zone come first; another zone's endpoints (its
+//! ingress, weighted by the instances behind it) only when no local endpoint is healthy (none,
+//! or all ejected or already tried): failover. Traffic returns to local endpoints as soon as
+//! one is healthy again (its ejection ends, or a new one appears). MeshLoadBalancingStrategy
+//! `localityAwareness: {disabled: true}` balances over all endpoints alike (weighted). A
+//! balancer pinned to a zone ([`Locality::pinned`], `<service>.<zone>.mesh`) only uses that
+//! zone's endpoints.
+//!
 //! Passive health: the caller reports connection failures with [`Endpoint::eject`] (refused,
 //! timed out, TLS handshake failed): the endpoint is skipped for [`EJECT_BASE`], doubling on
 //! each consecutive ejection up to [`EJECT_MAX`]; a successful connection
@@ -72,6 +80,52 @@ impl Algorithm {
             _ => Algorithm::RoundRobin,
         }
     }
+}
+
+/// Which endpoints of the service a balancer prefers or keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    /// The proxy's own zone: its endpoints are used first. Empty: no preference (and an
+    /// endpoint without a zone counts as local).
+    pub local_zone: String,
+    /// Only endpoints of this zone (the VIP of `<service>.<zone>.mesh`).
+    pub pinned: Option<String>,
+}
+
+impl Locality {
+    pub fn new(local_zone: &str) -> Locality {
+        Locality {
+            local_zone: local_zone.to_string(),
+            pinned: None,
+        }
+    }
+
+    pub fn pinned(local_zone: &str, zone: &str) -> Locality {
+        Locality {
+            local_zone: local_zone.to_string(),
+            pinned: Some(zone.to_string()),
+        }
+    }
+
+    /// The zone of `ep` (ours when it says none).
+    fn zone_of<'a>(&'a self, ep: &'a state::Endpoint) -> &'a str {
+        if ep.zone.is_empty() {
+            &self.local_zone
+        } else {
+            &ep.zone
+        }
+    }
+}
+
+/// Whether the view turns locality awareness off for `service` (MeshLoadBalancingStrategy
+/// `localityAwareness: {disabled: true}`).
+pub fn locality_disabled(view: &ProxyView, service: &str) -> bool {
+    view.outbounds
+        .get(service)
+        .and_then(|confs| confs.get(&Kind::MeshLoadBalancingStrategy))
+        .and_then(|conf| conf.pointer("/localityAwareness/disabled"))
+        .and_then(|d| d.as_bool())
+        == Some(true)
 }
 
 /// One endpoint of the balanced service, with its health and load.
@@ -207,6 +261,9 @@ pub enum Pick<T> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     pub authority: String,
+    pub zone: String,
+    /// In the preferred tier (the proxy's own zone, or every endpoint without locality).
+    pub preferred: bool,
     pub weight: u32,
     pub in_flight: u32,
     pub ejected: bool,
@@ -219,6 +276,7 @@ pub struct Status {
 /// Balances one outbound's service over its current endpoints.
 pub struct Balancer<T> {
     service: String,
+    locality: Locality,
     inner: Mutex<Inner<T>>,
 }
 
@@ -232,36 +290,55 @@ struct Inner<T> {
 
 struct Set<T> {
     algorithm: Algorithm,
+    /// Whether local endpoints are preferred (else one tier holds them all).
+    locality: bool,
+    /// The preferred tier first (local zone), then the failover tier (other zones).
     endpoints: Vec<Arc<Endpoint<T>>>,
     weights: Vec<u32>,
-    /// Weighted round robin: indexes into `endpoints`, smooth order; empty when every
-    /// weight is the same.
-    schedule: Vec<u32>,
-    cursor: usize,
+    tiers: [Tier; 2],
     /// xorshift state for least-request sampling.
     rand: u64,
+}
+
+/// A contiguous range of `Set::endpoints` balanced on its own.
+#[derive(Debug, Default)]
+struct Tier {
+    start: usize,
+    end: usize,
+    /// Weighted round robin: indexes into `endpoints`, smooth order; empty when every
+    /// weight of the tier is the same.
+    schedule: Vec<u32>,
+    cursor: usize,
 }
 
 impl<T> Default for Set<T> {
     fn default() -> Self {
         Set {
             algorithm: Algorithm::RoundRobin,
+            locality: false,
             endpoints: Vec::new(),
             weights: Vec::new(),
-            schedule: Vec::new(),
-            cursor: 0,
+            tiers: Default::default(),
             rand: 0x9E37_79B9_7F4A_7C15,
         }
     }
 }
 
 impl<T: Default> Balancer<T> {
-    /// A balancer for `service`. Cheap: nothing per endpoint until the first pick.
+    /// A balancer for `service` without locality preference. Cheap: nothing per endpoint
+    /// until the first pick.
     pub fn new(service: &str, state: &State) -> Balancer<T> {
+        Balancer::with_locality(service, Locality::default(), state)
+    }
+
+    /// A balancer for `service` that prefers `locality.local_zone` (or keeps only
+    /// `locality.pinned`).
+    pub fn with_locality(service: &str, locality: Locality, state: &State) -> Balancer<T> {
         let mut rx = state.subscribe();
         rx.mark_changed();
         Balancer {
             service: service.to_string(),
+            locality,
             inner: Mutex::new(Inner {
                 rx,
                 service: None,
@@ -275,11 +352,15 @@ impl<T: Default> Balancer<T> {
         &self.service
     }
 
+    pub fn locality(&self) -> &Locality {
+        &self.locality
+    }
+
     /// Pick an endpoint not in `tried`: healthy ones first, ejected ones when nothing else
     /// is left (panic mode).
     pub fn pick(&self, tried: &Tried) -> Pick<T> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.refresh(&self.service);
+        inner.refresh(&self.service, &self.locality);
         let set = &mut inner.set;
         if set.endpoints.is_empty() {
             return Pick::NoEndpoints;
@@ -288,9 +369,12 @@ impl<T: Default> Balancer<T> {
             return Pick::Exhausted;
         }
         let mut now = None;
+        // Healthy local, healthy remote, then panic mode in the same order.
         let found = set
-            .select(tried, &mut now, false)
-            .or_else(|| set.select(tried, &mut now, true));
+            .select(0, tried, &mut now, false)
+            .or_else(|| set.select(1, tried, &mut now, false))
+            .or_else(|| set.select(0, tried, &mut now, true))
+            .or_else(|| set.select(1, tried, &mut now, true));
         match found {
             Some(i) => {
                 let e = set.endpoints[i].clone();
@@ -305,14 +389,17 @@ impl<T: Default> Balancer<T> {
     /// The current endpoints (after applying any configuration change).
     pub fn status(&self) -> Vec<Status> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.refresh(&self.service);
+        inner.refresh(&self.service, &self.locality);
         let mut now = None;
         let set = &inner.set;
         set.endpoints
             .iter()
             .zip(&set.weights)
-            .map(|(e, w)| Status {
+            .enumerate()
+            .map(|(i, (e, w))| Status {
                 authority: e.authority(),
+                zone: e.endpoint.zone.clone(),
+                preferred: i < set.tiers[0].end,
                 weight: *w,
                 in_flight: e.in_flight(),
                 ejected: e.ejected(&mut now),
@@ -325,14 +412,14 @@ impl<T: Default> Balancer<T> {
     /// The algorithm in use now.
     pub fn algorithm(&self) -> Algorithm {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.refresh(&self.service);
+        inner.refresh(&self.service, &self.locality);
         inner.set.algorithm
     }
 }
 
 impl<T: Default> Inner<T> {
     /// Rebuild the set if the service's endpoints or the view changed since the last pick.
-    fn refresh(&mut self, name: &str) {
+    fn refresh(&mut self, name: &str, locality: &Locality) {
         if !self.rx.has_changed().unwrap_or(false) {
             return;
         }
@@ -352,8 +439,13 @@ impl<T: Default> Inner<T> {
         }
         let view = snapshot.view.clone();
         let algorithm = Algorithm::for_service(&view, name);
+        let prefer_local = !locality_disabled(&view, name) && locality.pinned.is_none();
         let mtls = view.mtls;
-        if same_service && self.set.algorithm == algorithm && self.set.mtls() == Some(mtls) {
+        if same_service
+            && self.set.algorithm == algorithm
+            && self.set.locality == prefer_local
+            && self.set.mtls() == Some(mtls)
+        {
             self.view = Some(view);
             return;
         }
@@ -365,13 +457,34 @@ impl<T: Default> Inner<T> {
             .collect();
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
+        let mut local = 0;
         if let Some(svc) = &service {
+            // Local endpoints first (when preferred), then the others; a pinned balancer
+            // keeps only its zone's.
+            let keep = |ep: &&state::Endpoint| {
+                locality
+                    .pinned
+                    .as_deref()
+                    .is_none_or(|z| locality.zone_of(ep) == z)
+            };
+            let is_local =
+                |ep: &state::Endpoint| !prefer_local || locality.zone_of(ep) == locality.local_zone;
+            let kept = svc.endpoints.iter().filter(keep);
+            let ordered = kept
+                .clone()
+                .filter(|ep| is_local(ep))
+                .chain(kept.filter(|ep| !is_local(ep)));
             endpoints.reserve_exact(svc.endpoints.len());
             weights.reserve_exact(svc.endpoints.len());
-            for ep in &svc.endpoints {
-                let reuse = old
-                    .remove(&(ep.address.as_str(), ep.port))
-                    .filter(|e| e.protocol == svc.protocol && e.mtls == mtls);
+            for ep in ordered {
+                if is_local(ep) {
+                    local += 1;
+                }
+                // Same address, protocol, mTLS and zone: keep the state and its pools (a
+                // zone change changes the SNI, so it gets new connections).
+                let reuse = old.remove(&(ep.address.as_str(), ep.port)).filter(|e| {
+                    e.protocol == svc.protocol && e.mtls == mtls && e.endpoint.zone == ep.zone
+                });
                 endpoints.push(match reuse {
                     Some(e) => e.clone(),
                     None => Arc::new(Endpoint {
@@ -391,15 +504,27 @@ impl<T: Default> Inner<T> {
             }
         }
         drop(old);
-        let schedule = schedule(&weights);
-        let cursor = self.set.cursor;
+        let len = endpoints.len();
+        let tier = |start: usize, end: usize, cursor: usize| Tier {
+            start,
+            end,
+            schedule: schedule(&weights[start..end])
+                .into_iter()
+                .map(|i| i + start as u32)
+                .collect(),
+            cursor,
+        };
+        let tiers = [
+            tier(0, local, self.set.tiers[0].cursor),
+            tier(local, len, self.set.tiers[1].cursor),
+        ];
         let rand = self.set.rand;
         self.set = Set {
             algorithm,
+            locality: prefer_local,
             endpoints,
             weights,
-            schedule,
-            cursor,
+            tiers,
             rand,
         };
         self.service = service;
@@ -417,42 +542,69 @@ impl<T> Set<T> {
         !tried.contains(e) && (panic || !e.ejected(now))
     }
 
-    fn select(&mut self, tried: &Tried, now: &mut Option<u64>, panic: bool) -> Option<usize> {
+    fn select(
+        &mut self,
+        tier: usize,
+        tried: &Tried,
+        now: &mut Option<u64>,
+        panic: bool,
+    ) -> Option<usize> {
+        if self.tiers[tier].start == self.tiers[tier].end {
+            return None;
+        }
         match self.algorithm {
-            Algorithm::RoundRobin => self.round_robin(tried, now, panic),
-            Algorithm::LeastRequest { choices } => self.least_request(choices, tried, now, panic),
+            Algorithm::RoundRobin => self.round_robin(tier, tried, now, panic),
+            Algorithm::LeastRequest { choices } => {
+                self.least_request(tier, choices, tried, now, panic)
+            }
         }
     }
 
-    fn round_robin(&mut self, tried: &Tried, now: &mut Option<u64>, panic: bool) -> Option<usize> {
-        let len = if self.schedule.is_empty() {
-            self.endpoints.len()
+    fn round_robin(
+        &mut self,
+        tier: usize,
+        tried: &Tried,
+        now: &mut Option<u64>,
+        panic: bool,
+    ) -> Option<usize> {
+        let t = &self.tiers[tier];
+        let (start, n) = (t.start, t.end - t.start);
+        let len = if t.schedule.is_empty() {
+            n
         } else {
-            self.schedule.len()
+            t.schedule.len()
         };
+        let mut cursor = t.cursor;
+        let mut found = None;
         for _ in 0..len {
-            let slot = self.cursor % len;
-            self.cursor = self.cursor.wrapping_add(1);
-            let i = if self.schedule.is_empty() {
-                slot
+            let slot = cursor % len;
+            cursor = cursor.wrapping_add(1);
+            let i = if t.schedule.is_empty() {
+                start + slot
             } else {
-                self.schedule[slot] as usize
+                t.schedule[slot] as usize
             };
             if self.usable(i, tried, now, panic) {
-                return Some(i);
+                found = Some(i);
+                break;
             }
         }
-        None
+        self.tiers[tier].cursor = cursor;
+        found
     }
 
     fn least_request(
         &mut self,
+        tier: usize,
         choices: u32,
         tried: &Tried,
         now: &mut Option<u64>,
         panic: bool,
     ) -> Option<usize> {
-        let n = self.endpoints.len();
+        let (start, n) = (
+            self.tiers[tier].start,
+            self.tiers[tier].end - self.tiers[tier].start,
+        );
         // Lower is better: (in flight + 1) / weight, compared without division.
         let better = |a: usize, b: usize, s: &Set<T>| {
             let la = u64::from(s.endpoints[a].in_flight()) + 1;
@@ -462,10 +614,10 @@ impl<T> Set<T> {
         let mut best: Option<usize> = None;
         if n <= FULL_SCAN {
             // Start where the last pick left off so that ties rotate.
-            let start = self.cursor;
-            self.cursor = self.cursor.wrapping_add(1);
+            let first = self.tiers[tier].cursor;
+            self.tiers[tier].cursor = first.wrapping_add(1);
             for k in 0..n {
-                let i = (start + k) % n;
+                let i = start + (first + k) % n;
                 if self.usable(i, tried, now, panic) && best.is_none_or(|b| better(i, b, self)) {
                     best = Some(i);
                 }
@@ -476,13 +628,13 @@ impl<T> Set<T> {
             self.rand ^= self.rand << 13;
             self.rand ^= self.rand >> 7;
             self.rand ^= self.rand << 17;
-            let i = (self.rand % n as u64) as usize;
+            let i = start + (self.rand % n as u64) as usize;
             if self.usable(i, tried, now, panic) && best.is_none_or(|b| better(i, b, self)) {
                 best = Some(i);
             }
         }
         // Unlucky draws (most endpoints tried or ejected): fall back to round robin.
-        best.or_else(|| self.round_robin(tried, now, panic))
+        best.or_else(|| self.round_robin(tier, tried, now, panic))
     }
 }
 
@@ -537,6 +689,7 @@ mod tests {
             view_json: Some(view.to_string()),
             services: vec![pb::ServiceEndpoints {
                 service: "backend".into(),
+                mesh: String::new(),
                 protocol: "http".into(),
                 endpoints: endpoints
                     .iter()
@@ -551,6 +704,8 @@ mod tests {
                     .collect(),
             }],
             removed_services: vec![],
+            vips_replace: false,
+            vips: vec![],
         }
     }
 
@@ -668,5 +823,185 @@ mod tests {
         assert_eq!(schedule(&[10, 5]), [0, 1, 0]);
         let s = schedule(&[1_000_000, 1]);
         assert!(s.len() as u64 <= MAX_SCHEDULE + 1 && s.contains(&1));
+    }
+
+    fn zoned(endpoints: &[(u32, u32, &str)], view: &str) -> pb::Update {
+        let mut u = update(&[], view);
+        u.services[0].endpoints = endpoints
+            .iter()
+            .map(|&(port, weight, zone)| pb::Endpoint {
+                address: "127.0.0.1".into(),
+                port,
+                dataplane: format!("dp-{port}"),
+                zone: zone.into(),
+                tags: Default::default(),
+                weight,
+            })
+            .collect();
+        u
+    }
+
+    fn mk_local(
+        endpoints: &[(u32, u32, &str)],
+        view: &str,
+        locality: Locality,
+    ) -> (State, Balancer<()>) {
+        let state = State::new();
+        state.apply(&zoned(endpoints, view)).unwrap();
+        let b = Balancer::with_locality("backend", locality, &state);
+        (state, b)
+    }
+
+    fn picks(b: &Balancer<()>, n: usize) -> Vec<u16> {
+        (0..n).map(|_| port(&b.pick(&Tried::new()))).collect()
+    }
+
+    const NO_LOCALITY: &str = r#"{"mesh":"default","dataplane":"web","inbounds":[],"outbounds":{
+        "backend":{"MeshLoadBalancingStrategy":{"localityAwareness":{"disabled":true}}}}}"#;
+
+    #[test]
+    fn local_zone_first_then_failover_and_back() {
+        // Listed remote first: order on the wire does not matter.
+        let (state, b) = mk_local(
+            &[
+                (3, 2, "west"),
+                (1, 1, "east"),
+                (2, 1, "east"),
+                (4, 1, "north"),
+            ],
+            RR,
+            Locality::new("east"),
+        );
+        assert_eq!(picks(&b, 4), [1, 2, 1, 2]);
+        // One local ejected: the other local takes everything.
+        let Pick::Endpoint(one) = b.pick(&Tried::new()) else {
+            panic!()
+        };
+        assert_eq!(one.endpoint.port, 1);
+        one.eject();
+        assert_eq!(picks(&b, 3), [2, 2, 2]);
+        // Both ejected: failover to the other zones, weighted (west's ingress has 2).
+        let Pick::Endpoint(two) = b.pick(&Tried::new()) else {
+            panic!()
+        };
+        two.eject();
+        let remote = picks(&b, 6);
+        assert_eq!(remote.iter().filter(|p| **p == 3).count(), 4, "{remote:?}");
+        assert_eq!(remote.iter().filter(|p| **p == 4).count(), 2, "{remote:?}");
+        // A local endpoint is healthy again: traffic returns.
+        one.connected();
+        assert_eq!(picks(&b, 3), [1, 1, 1]);
+        // A retry after the local one failed (tried) goes remote.
+        let mut tried = Tried::new();
+        tried.add(&*one);
+        assert_ne!(port(&b.pick(&tried)), 2, "ejected local not before remote");
+        // No local endpoints at all: remote; a new local one appears: back to it.
+        state
+            .apply(&zoned(&[(3, 1, "west"), (4, 1, "north")], RR))
+            .unwrap();
+        assert!(picks(&b, 4).iter().all(|p| *p == 3 || *p == 4));
+        state
+            .apply(&zoned(&[(3, 1, "west"), (5, 1, "east")], RR))
+            .unwrap();
+        assert_eq!(picks(&b, 3), [5, 5, 5]);
+        let status = b.status();
+        assert_eq!(status[0].authority, "127.0.0.1:5");
+        assert!(status[0].preferred && !status[1].preferred);
+        // Everything ejected: panic mode prefers local.
+        for ep in [5, 3] {
+            let mut tried = Tried::new();
+            loop {
+                let Pick::Endpoint(g) = b.pick(&tried) else {
+                    panic!()
+                };
+                tried.add(&*g);
+                if g.endpoint.port == ep {
+                    g.eject();
+                    break;
+                }
+            }
+        }
+        assert_eq!(port(&b.pick(&Tried::new())), 5);
+    }
+
+    #[test]
+    fn locality_disabled_balances_over_all_weighted() {
+        let (_state, b) = mk_local(
+            &[(1, 1, "east"), (2, 3, "west")],
+            NO_LOCALITY,
+            Locality::new("east"),
+        );
+        let ports = picks(&b, 8);
+        assert_eq!(ports.iter().filter(|p| **p == 2).count(), 6, "{ports:?}");
+        assert!(b.status().iter().all(|s| s.preferred));
+        // Turned back on by a view change.
+        let (state, b) = mk_local(
+            &[(1, 1, "east"), (2, 3, "west")],
+            NO_LOCALITY,
+            Locality::new("east"),
+        );
+        state
+            .apply(&zoned(&[(1, 1, "east"), (2, 3, "west")], RR))
+            .unwrap();
+        assert_eq!(picks(&b, 4), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn least_request_stays_local() {
+        let (_state, b) = mk_local(
+            &[(1, 1, "east"), (2, 1, "west"), (3, 1, "east")],
+            LR,
+            Locality::new("east"),
+        );
+        let held: Vec<_> = (0..6).map(|_| b.pick(&Tried::new())).collect();
+        assert!(held.iter().all(|p| port(p) != 2), "{held:?}");
+        assert_eq!(held.iter().filter(|p| port(p) == 1).count(), 3);
+    }
+
+    #[test]
+    fn pinned_uses_only_its_zone_even_when_ejected() {
+        let (state, b) = mk_local(
+            &[(1, 1, "east"), (2, 1, "west"), (3, 1, "west")],
+            RR,
+            Locality::pinned("east", "west"),
+        );
+        let ports = picks(&b, 4);
+        assert_eq!(ports, [2, 3, 2, 3]);
+        for _ in 0..2 {
+            let Pick::Endpoint(g) = b.pick(&Tried::new()) else {
+                panic!()
+            };
+            g.eject();
+        }
+        // All of west ejected: panic mode within west, never east.
+        assert!(picks(&b, 4).iter().all(|p| *p != 1));
+        // Pinned to our own zone, endpoints without a zone count as ours.
+        let b2 = Balancer::<()>::with_locality("backend", Locality::pinned("east", "east"), &state);
+        state
+            .apply(&zoned(&[(1, 1, ""), (2, 1, "west")], RR))
+            .unwrap();
+        assert_eq!(picks(&b2, 3), [1, 1, 1]);
+        // No endpoint in the pinned zone: none at all.
+        state.apply(&zoned(&[(2, 1, "west")], RR)).unwrap();
+        assert!(matches!(b2.pick(&Tried::new()), Pick::NoEndpoints));
+    }
+
+    #[test]
+    fn a_zone_change_makes_a_new_endpoint_state() {
+        let (state, b) = mk_local(&[(1, 1, "east")], RR, Locality::new("east"));
+        let Pick::Endpoint(g) = b.pick(&Tried::new()) else {
+            panic!()
+        };
+        let before = g.endpoint().clone();
+        drop(g);
+        state.apply(&zoned(&[(1, 1, "west")], RR)).unwrap();
+        let Pick::Endpoint(g) = b.pick(&Tried::new()) else {
+            panic!()
+        };
+        assert!(
+            !Arc::ptr_eq(&before, g.endpoint()),
+            "pools must not mix zones"
+        );
+        assert_eq!(g.endpoint.zone, "west");
     }
 }

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod dns;
 pub mod inbound;
 pub mod lb;
 pub mod memory;
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod outbound;
 pub mod state;
 pub mod tls;
+pub mod vips;

@@ -43,6 +43,18 @@ pub type Balancer = lb::Balancer<Pool>;
 pub struct Outbound {
     /// The service called (`weft.io/service` of the outbound's tags).
     pub service: String,
+    /// Only this zone's endpoints (a VIP of `<service>.<zone>.mesh`); `None`: every zone,
+    /// the proxy's own first.
+    pub zone: Option<String>,
+}
+
+impl Outbound {
+    pub fn new(service: &str) -> Outbound {
+        Outbound {
+            service: service.to_string(),
+            zone: None,
+        }
+    }
 }
 
 /// Serve `listener` until `ctx.draining` is cancelled; spawn each connection on `ctx.tasks`.
@@ -54,7 +66,15 @@ pub async fn run(listener: TcpListener, outbound: Outbound, ctx: Context) -> any
 
 /// The balancer [`serve`] uses for `outbound`: cheap until the first connection.
 pub fn balancer(outbound: &Outbound, ctx: &Context) -> Arc<Balancer> {
-    Arc::new(Balancer::new(&outbound.service, &ctx.state))
+    let locality = match &outbound.zone {
+        Some(zone) => lb::Locality::pinned(&ctx.labels.zone, zone),
+        None => lb::Locality::new(&ctx.labels.zone),
+    };
+    Arc::new(Balancer::with_locality(
+        &outbound.service,
+        locality,
+        &ctx.state,
+    ))
 }
 
 /// [`run`] with a given balancer (to look at its endpoints from outside, e.g. in tests).

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,9 @@ pub struct Pool {
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
     /// Held while making the HTTP/2 connection.
     pub(super) connecting: tokio::sync::Mutex<()>,
+    /// The SNI for this endpoint (its service, zone and mesh never change: an endpoint whose
+    /// zone changes gets a new pool, see `lb`), made on the first TLS connection.
+    sni: OnceLock<rustls_pki_types::ServerName<'static>>,
 }
 
 #[derive(Debug)]
@@ -180,10 +183,22 @@ async fn connect_inner(
     let expected = SpiffeId::new(&mesh, service).map_err(|e| {
         ConnectError::Config(format!("mTLS to service {service} of mesh {mesh}: {e}"))
     })?;
+    let sni = match ep.ext.sni.get() {
+        Some(sni) => sni.clone(),
+        None => {
+            // An endpoint without a zone is in ours.
+            let zone = match ep.endpoint.zone.as_str() {
+                "" => ctx.labels.zone.as_str(),
+                z => z,
+            };
+            let sni = tls::sni(&mesh, service, zone).map_err(ConnectError::Config)?;
+            ep.ext.sni.get_or_init(|| sni).clone()
+        }
+    };
     let config = ctx
         .identity
         .client_config(&expected, alpn.iter().map(|p| p.to_vec()).collect());
-    let handshake = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp);
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(sni, tcp);
     let r = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => Ok(Io::Tls(Box::new(tls))),
         Ok(Err(e)) => Err(ConnectError::Tls(authority(), e)),

@@ -210,12 +210,15 @@ mod tests {
             view_json: view.map(str::to_string),
             services,
             removed_services: vec![],
+            vips_replace: false,
+            vips: vec![],
         }
     }
 
     fn svc(name: &str, ports: &[u32]) -> pb::ServiceEndpoints {
         pb::ServiceEndpoints {
             service: name.into(),
+            mesh: String::new(),
             protocol: "http".into(),
             endpoints: ports
                 .iter()

@@ -396,9 +396,17 @@ impl ClientSessionStore for Fresh<ClientSessionMemoryCache> {
     }
 }
 
-/// The server name an outbound may give rustls: [`Identity::client_config`] ignores it.
-pub fn server_name() -> ServerName<'static> {
-    ServerName::try_from("weft.mesh").expect("a valid DNS name")
+/// The SNI of an outbound connection to `service` in `zone`: `<service>.<zone>.<mesh>.weft`
+/// ([`weft_core::names::Sni`]). It names the target zone so that another zone's ingress can
+/// route the connection by SNI without terminating TLS. [`Identity::client_config`] checks the
+/// server's SPIFFE ID, never this name; the inbound ignores it.
+pub fn sni(mesh: &str, service: &str, zone: &str) -> Result<ServerName<'static>, String> {
+    let sni = weft_core::names::Sni::new(mesh, service, zone).to_string();
+    ServerName::try_from(sni.as_str())
+        .map(|n| n.to_owned())
+        .map_err(|e| {
+            format!("SNI {sni:?} (mesh {mesh:?}, service {service:?}, zone {zone:?}): {e}")
+        })
 }
 
 /// Serves the current certified key to both sides.
@@ -679,7 +687,7 @@ mod tests {
     async fn connect(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<Pair, String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (c, s) = tokio::join!(
-            TlsConnector::from(client).connect(server_name(), a),
+            TlsConnector::from(client).connect(sni("default", "web", "east").unwrap(), a),
             TlsAcceptor::from(server).accept(b)
         );
         let (mut c, mut s) = match (c, s) {

@@ -96,6 +96,8 @@ fn apply(state: &State, view: String) {
             view_json: Some(view),
             services: vec![],
             removed_services: vec![],
+            vips_replace: false,
+            vips: vec![],
         })
         .unwrap();
 }
@@ -215,7 +217,7 @@ async fn mtls(client: &Arc<Identity>, proxy: &Proxy, alpn: &[&[u8]]) -> std::io:
     let config = client.client_config(&backend_id(), alpn.iter().map(|a| a.to_vec()).collect());
     let tcp = TcpStream::connect(proxy.addr).await?;
     tokio_rustls::TlsConnector::from(config)
-        .connect(tls::server_name(), tcp)
+        .connect(tls::sni("default", "web", "east").unwrap(), tcp)
         .await
 }
 
@@ -347,7 +349,7 @@ async fn plaintext_and_certificateless_clients_are_refused() {
     .with_no_client_auth();
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let refused = match tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(tls::server_name(), tcp)
+        .connect(tls::sni("default", "web", "east").unwrap(), tcp)
         .await
     {
         // TLS 1.3: the client may finish first; the refusal shows on first use.

@@ -222,6 +222,7 @@ fn view(mtls: bool, least_request: bool) -> String {
 fn service(protocol: &str, endpoints: &[SocketAddr]) -> pb::ServiceEndpoints {
     pb::ServiceEndpoints {
         service: "backend".into(),
+        mesh: String::new(),
         protocol: protocol.into(),
         endpoints: endpoints
             .iter()
@@ -244,6 +245,8 @@ fn full(view: String, services: Vec<pb::ServiceEndpoints>) -> pb::Update {
         view_json: Some(view),
         services,
         removed_services: vec![],
+        vips_replace: false,
+        vips: vec![],
     }
 }
 
@@ -274,9 +277,7 @@ impl Proxy {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let outbound = Outbound {
-            service: "backend".into(),
-        };
+        let outbound = Outbound::new("backend");
         let lb = outbound::balancer(&outbound, &ctx);
         let run = tokio::spawn(outbound::serve(listener, lb.clone(), ctx.clone()));
         Proxy {
@@ -510,6 +511,8 @@ async fn an_endpoint_set_change_applies_to_the_next_request() {
             view_json: None,
             services: vec![service("http", &[c.addr])],
             removed_services: vec![],
+            vips_replace: false,
+            vips: vec![],
         })
         .unwrap();
     for _ in 0..5 {

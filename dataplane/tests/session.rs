@@ -209,6 +209,7 @@ fn mk_proxy(zone: &Zone) -> Proxy {
         name: "web-1".into(),
         mesh: "default".into(),
         service: "web".into(),
+        virtual_outbounds: false,
         timing: Timing {
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
@@ -236,6 +237,7 @@ fn mk_proxy(zone: &Zone) -> Proxy {
 fn endpoints(service: &str, ports: &[u32]) -> pb::ServiceEndpoints {
     pb::ServiceEndpoints {
         service: service.into(),
+        mesh: String::new(),
         protocol: "http".into(),
         endpoints: ports
             .iter()
@@ -258,6 +260,8 @@ fn full_update(nonce: u64) -> ZoneMsg {
         view_json: Some(VIEW.into()),
         services: vec![endpoints("backend", &[8080, 8081])],
         removed_services: vec![],
+        vips_replace: false,
+        vips: vec![],
     })
 }
 
@@ -324,6 +328,8 @@ async fn hello_then_ack_for_a_good_update_and_nack_for_a_bad_one() {
         view_json: None,
         services: vec![endpoints("backend", &[70000])],
         removed_services: vec!["backend".into()],
+        vips_replace: false,
+        vips: vec![],
     }))
     .await;
     let ProxyMsg::Nack(nack) = s.recv().await else {

@@ -837,6 +837,7 @@ impl WeftEnv {
                     dataplane: fake_dataplane(i).to_string(),
                     version: "bench".into(),
                     has_config: false,
+                    virtual_outbounds: false,
                 })),
             })
             .await?;
