@@ -1,7 +1,8 @@
 //! `weftctl inspect meshes` (resource counts per mesh, `GET /_inspect/meshes`),
 //! `weftctl inspect zones` (zone status, `GET /_inspect/zones`), and, against a zone control
 //! plane, `weftctl inspect dataplanes` (`GET /_inspect/dataplanes`) and `weftctl inspect
-//! dataplane NAME --config` (`GET /_inspect/dataplanes/{mesh}/{name}/config`).
+//! dataplane NAME --config` (`GET /_inspect/dataplanes/{mesh}/{name}/config`);
+//! `weftctl inspect services` (`GET /_inspect/services`, on global or a zone).
 
 use anyhow::{Result, anyhow, bail};
 use serde_json::Value;
@@ -162,6 +163,62 @@ pub fn dataplanes_table(resp: &Value, now: chrono::DateTime<chrono::Utc>) -> Res
     Ok(t.render())
 }
 
+/// `weftctl inspect services [--mesh M | -A]`: the same answer shape from global (no VIPs:
+/// each zone allocates its own) and from a zone.
+pub async fn services(client: &Client, mesh: Option<&str>, format: Format) -> Result<String> {
+    let mut resp = client.get(&["_inspect", "services"], &[]).await?;
+    if let (Some(mesh), Some(items)) = (mesh, resp.get_mut("items").and_then(Value::as_array_mut)) {
+        items.retain(|i| i.get("mesh").and_then(Value::as_str) == Some(mesh));
+    }
+    Ok(match format {
+        Format::Table => services_table(&resp)?,
+        Format::Yaml => weft_core::document::value_to_yaml(&resp),
+        Format::Json => output::json(&resp),
+    })
+}
+
+/// SERVICE MESH ZONES INSTANCES VIP, ZONES as `east(1),west(2)`.
+pub fn services_table(resp: &Value) -> Result<String> {
+    let Some(items) = resp.get("items").and_then(Value::as_array) else {
+        bail!("unexpected answer from /_inspect/services: no items");
+    };
+    let mut t = Table::new(["SERVICE", "MESH", "ZONES", "INSTANCES", "VIP"]);
+    for s in items {
+        let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let zones: Vec<String> = s
+            .get("zones")
+            .and_then(Value::as_array)
+            .map(|zs| {
+                zs.iter()
+                    .map(|z| {
+                        format!(
+                            "{}({})",
+                            z.get("zone").and_then(Value::as_str).unwrap_or("?"),
+                            z.get("instances").and_then(Value::as_u64).unwrap_or(0)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let vip = text("vip");
+        t.row([
+            text("service"),
+            text("mesh"),
+            if zones.is_empty() {
+                "-".to_string()
+            } else {
+                zones.join(",")
+            },
+            s.get("instances")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string(),
+            if vip.is_empty() { "-".to_string() } else { vip },
+        ]);
+    }
+    Ok(t.render())
+}
+
 /// `weftctl inspect dataplane NAME [--mesh M] --config`: what the zone last sent the proxy.
 pub async fn dataplane_config(
     client: &Client,
@@ -255,5 +312,31 @@ mod tests {
             "{out}"
         );
         assert!(dataplanes_table(&json!({}), now).is_err());
+    }
+
+    #[test]
+    fn services_table_shows_zones_instances_and_vip() {
+        let resp = json!({"items": [
+            {"mesh": "payments", "service": "backend", "zones": [{"zone": "east", "instances": 1}, {"zone": "west", "instances": 2}], "instances": 3, "vip": "127.240.0.1", "ports": [8080]},
+            {"mesh": "payments", "service": "frontend", "zones": [{"zone": "east", "instances": 1}], "instances": 1, "vip": null, "ports": []}
+        ]});
+        let out = services_table(&resp).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].starts_with("SERVICE") && lines[0].ends_with("VIP"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("backend")
+                && lines[1].contains("east(1),west(2)")
+                && lines[1].contains(" 3 ")
+                && lines[1].ends_with("127.240.0.1"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("frontend") && lines[2].ends_with('-'),
+            "{out}"
+        );
+        assert!(services_table(&json!({})).is_err());
     }
 }

@@ -181,6 +181,19 @@ pub enum InspectCommand {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Services: the zones that run them, their instances, and (on a zone control plane) the
+    /// VIP their `<service>.mesh` name resolves to.
+    Services {
+        /// The mesh.
+        #[arg(short, long, default_value = weft_core::DEFAULT_MESH)]
+        mesh: String,
+        /// List across every mesh.
+        #[arg(short = 'A', long, conflicts_with = "mesh")]
+        all_meshes: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
     /// One dataplane: with --config, the configuration its zone last sent it (zone control
     /// plane only).
     Dataplane {
@@ -305,6 +318,17 @@ pub async fn run(cli: Cli) -> Result<String> {
         } => {
             let mesh = (!*all_meshes).then_some(mesh.as_str());
             inspect::dataplanes(&connect()?, mesh, *output).await
+        }
+        Command::Inspect {
+            command:
+                InspectCommand::Services {
+                    mesh,
+                    all_meshes,
+                    output,
+                },
+        } => {
+            let mesh = (!*all_meshes).then_some(mesh.as_str());
+            inspect::services(&connect()?, mesh, *output).await
         }
         Command::Inspect {
             command:

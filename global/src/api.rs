@@ -118,6 +118,7 @@ pub fn router_with(state: State, extra: Router<State>) -> Router {
     let mut api = Router::new()
         .route("/_apply", post(apply))
         .route("/_inspect/meshes", get(inspect_meshes))
+        .route("/_inspect/services", get(inspect_services))
         .route("/meshes/{mesh}/{plural}", get(list_in_mesh))
         .route(
             "/meshes/{mesh}/{plural}/{name}",
@@ -585,6 +586,71 @@ async fn inspect_meshes(Extract(state): Extract<State>) -> ApiResult<Json<Value>
     Ok(Json(json!({ "items": items })))
 }
 
+/// `GET /_inspect/services`: every service of every mesh from the MeshServices the zones
+/// report (`status.instances`), grouped by (mesh, service). Global allocates no VIPs (each
+/// zone has its own), so `vip` is null here; a zone's answer has the same shape with its VIP.
+async fn inspect_services(Extract(state): Extract<State>) -> ApiResult<Json<Value>> {
+    let services = store::list_all(&*state.store, ListQuery::all(Kind::MeshService)).await?;
+    Ok(Json(services_summary(&services)))
+}
+
+/// The `/_inspect/services` answer for a set of MeshServices.
+pub fn services_summary(services: &[Resource]) -> Value {
+    #[derive(Default)]
+    struct Entry {
+        zones: BTreeMap<String, u64>,
+        ports: std::collections::BTreeSet<u64>,
+    }
+    let mut by: BTreeMap<(String, String), Entry> = BTreeMap::new();
+    for r in services {
+        let zone = r.labels.get(ZONE_LABEL).cloned().unwrap_or_default();
+        let service = r
+            .spec
+            .pointer("/selector/dataplaneTags/weft.io~1service")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                r.name
+                    .strip_suffix(&format!(".{zone}"))
+                    .unwrap_or(&r.name)
+                    .to_string()
+            });
+        let e = by
+            .entry((r.mesh.clone().unwrap_or_default(), service))
+            .or_default();
+        let instances = r
+            .spec
+            .pointer("/status/instances")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        *e.zones.entry(zone).or_default() += instances;
+        for p in r
+            .spec
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(port) = p.get("port").and_then(Value::as_u64) {
+                e.ports.insert(port);
+            }
+        }
+    }
+    let items: Vec<Value> = by
+        .into_iter()
+        .map(|((mesh, service), e)| {
+            let instances: u64 = e.zones.values().sum();
+            let zones: Vec<Value> = e
+                .zones
+                .into_iter()
+                .map(|(zone, n)| json!({"zone": zone, "instances": n}))
+                .collect();
+            json!({"mesh": mesh, "service": service, "zones": zones, "instances": instances, "vip": null, "ports": e.ports})
+        })
+        .collect();
+    json!({ "items": items })
+}
+
 // ---------------------------------------------------------------------------------------
 // Writes
 
@@ -972,4 +1038,37 @@ async fn apply(
     Ok(Json(
         json!({"dryRun": p.dry_run, "results": results, "summary": summary}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, zone: &str, instances: u32, port: u16) -> Resource {
+        let labels = [(ZONE_LABEL.to_string(), zone.to_string())].into();
+        let spec = json!({
+            "selector": {"dataplaneTags": {"weft.io/service": "backend"}},
+            "ports": [{"port": port}],
+            "status": {"instances": instances}
+        });
+        // Global stores a zone's resources as `<name>.<zone>` (not a valid name to write).
+        let mut r =
+            Resource::new(Kind::MeshService, Some("payments"), "backend", labels, spec).unwrap();
+        r.name = name.to_string();
+        r
+    }
+
+    #[test]
+    fn services_are_grouped_across_zones() {
+        let out = services_summary(&[
+            service("backend.east", "east", 1, 8080),
+            service("backend.west", "west", 2, 8080),
+        ]);
+        assert_eq!(
+            out,
+            json!({"items": [{"mesh": "payments", "service": "backend",
+                "zones": [{"zone": "east", "instances": 1}, {"zone": "west", "instances": 2}],
+                "instances": 3, "vip": null, "ports": [8080]}]})
+        );
+    }
 }

@@ -156,6 +156,7 @@ pub fn document(plane: &Plane) -> Value {
     }});
     paths.insert("/_apply".into(), apply);
     paths.insert("/_inspect/meshes".into(), json!({"get": op("Resource counts per mesh".into(), "inspect", &[], false, ("200", "inspect"))}));
+    paths.insert("/_inspect/services".into(), json!({"get": op("Services per mesh: the zones that run them and their instances (and a zone's VIP)".into(), "inspect", &[], false, ("200", "inspect"))}));
     if *plane == Plane::Global {
         paths.insert("/_inspect/zones".into(), json!({"get": op("Zones with their connection status, last seen, version and KDS counts".into(), "inspect", &[], false, ("200", "inspect"))}));
         let token_op = |summary: &str| json!({"summary": summary, "tags": ["tokens"], "responses": {"200": {"description": "ok"}, "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}});
