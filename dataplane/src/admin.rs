@@ -95,6 +95,19 @@ impl Admin {
                 )
             })
             .collect();
+        let vips: Vec<Value> = snapshot
+            .vips
+            .values()
+            .map(|v| {
+                json!({
+                    "name": v.name.to_string(),
+                    "address": v.address.to_string(),
+                    "service": v.service,
+                    "zone": v.zone,
+                    "ports": v.ports,
+                })
+            })
+            .collect();
         let certificate = ctx.identity.status().map(|c| {
             json!({
                 "spiffeId": c.id.to_string(),
@@ -112,6 +125,7 @@ impl Admin {
             "nonce": snapshot.nonce,
             "view": serde_json::to_value(&*snapshot.view).unwrap_or(Value::Null),
             "services": services,
+            "vips": vips,
             "certificate": certificate,
         })
     }
@@ -322,6 +336,38 @@ mod tests {
         assert_eq!(c["generation"], 0);
         assert_eq!(c["certificate"], Value::Null);
         assert!(c["services"].as_object().unwrap().is_empty());
+        assert_eq!(c["vips"], json!([]));
+    }
+
+    #[test]
+    fn config_shows_the_vip_table() {
+        use weft_proto::dataplane::v1 as pb;
+        let admin = mk_admin();
+        admin
+            .context()
+            .state
+            .apply(&pb::Update {
+                nonce: 1,
+                full: true,
+                view_json: Some(
+                    r#"{"mesh":"default","dataplane":"web-1","inbounds":[],"outbounds":{}}"#.into(),
+                ),
+                vips_replace: true,
+                vips: vec![pb::Vip {
+                    name: "backend.west.mesh".into(),
+                    address: "240.0.0.2".into(),
+                    service: "backend".into(),
+                    zone: "west".into(),
+                    ports: vec![80],
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            admin.config()["vips"],
+            json!([{"name": "backend.west.mesh", "address": "240.0.0.2", "service": "backend",
+                    "zone": "west", "ports": [80]}])
+        );
     }
 
     /// Every sample belongs to the family of the last TYPE line, counters end in `_total`,

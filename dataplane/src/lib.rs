@@ -7,7 +7,8 @@
 //!
 //! Session side: [`config`] (flags), [`client`] (the zone session, certificates), [`admin`]
 //! (`/ready`, `/config`, `/metrics`), `main.rs`. Traffic side: [`tls`], [`inbound`],
-//! [`outbound`], [`lb`], [`metrics`]; [`memory`] trims the heap after bursts. [`state`] is the contract between the two.
+//! [`outbound`], [`lb`], [`metrics`], [`dns`] (the embedded resolver of mesh names) and
+//! [`vips`] (outbound listeners on the mesh's VIPs); [`memory`] trims the heap after bursts. [`state`] is the contract between the two.
 
 pub mod admin;
 pub mod client;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use weft_dp::admin::{self, Admin};
 use weft_dp::client;
 use weft_dp::config::{Cli, Command, Config, LogFormat};
 use weft_dp::state::{Context, Labels, State};
-use weft_dp::{inbound, memory, metrics, outbound, tls};
+use weft_dp::{dns, inbound, memory, metrics, outbound, tls, vips};
 
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
@@ -178,10 +178,33 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             async move { (field, outbound::run(listener, l.outbound, ctx).await) }.instrument(span),
         );
     }
+    if let Some(dns) = cfg.dns.clone() {
+        let field = format!("--dns-address {}", dns.address);
+        let udp = UdpSocket::bind(dns.address)
+            .await
+            .with_context(|| format!("{field}: binding UDP"))?;
+        let tcp = TcpListener::bind(dns.address)
+            .await
+            .with_context(|| format!("{field}: binding TCP"))?;
+        let ctx = ctx.clone();
+        listeners.spawn(
+            async move { (field, dns::run(udp, tcp, dns, ctx).await) }
+                .instrument(tracing::info_span!("dns")),
+        );
+    }
+    if cfg.bind_vips {
+        let ctx = ctx.clone();
+        listeners.spawn(
+            async move { ("--bind-vips".to_string(), vips::run(ctx).await) }
+                .instrument(tracing::info_span!("vips")),
+        );
+    }
     admin.set_listening();
     tracing::info!(
         inbounds = dp.spec.networking.inbound.len(),
         outbounds = dp.spec.networking.outbound.len(),
+        dns = ?cfg.dns.as_ref().map(|d| d.address),
+        bind_vips = cfg.bind_vips,
         "serving"
     );
 

@@ -18,7 +18,10 @@
 //! - `active_connections{direction, service}`;
 //! - `tls_handshakes_total{direction, result}` (`ok`, `failed`);
 //! - `authz_denied_total{direction, service, source}` (inbound: MeshTrafficPermission);
-//! - `certificate_expiry_timestamp_seconds`: the workload certificate's `notAfter`.
+//! - `certificate_expiry_timestamp_seconds`: the workload certificate's `notAfter`;
+//! - `dns_queries_total{result}` (`vip`, `nodata`, `nxdomain`, `forwarded`, `servfail`,
+//!   `formerr`): the embedded DNS server's answers (`--dns-address`);
+//! - `vip_listeners`, `vip_bind_failures_total`: VIP outbound listeners (`--bind-vips`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -90,6 +93,11 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DeniedLabels {
     direction: &'static str,
     service: String,
@@ -110,6 +118,9 @@ struct Families {
     active: Family<ServiceLabels, Gauge>,
     handshakes: Family<HandshakeLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    dns: Family<ResultLabels, Counter>,
+    vip_listeners: Gauge,
+    vip_bind_failures: Counter,
 }
 
 pub struct Metrics {
@@ -132,6 +143,9 @@ impl Metrics {
                 active: Family::default(),
                 handshakes: Family::default(),
                 denied: Family::default(),
+                dns: Family::default(),
+                vip_listeners: Gauge::default(),
+                vip_bind_failures: Counter::default(),
             },
             handshakes: Default::default(),
             services: Default::default(),
@@ -181,6 +195,25 @@ impl Metrics {
         .inc();
     }
 
+    /// One DNS query answered (`vip`, `nodata`, `nxdomain`, `forwarded`, `servfail`,
+    /// `formerr`).
+    pub fn dns_query(&self, result: &'static str) {
+        self.families
+            .dns
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// VIP listeners bound now.
+    pub fn set_vip_listeners(&self, n: usize) {
+        self.families.vip_listeners.set(n as i64);
+    }
+
+    /// A VIP listener that could not bind.
+    pub fn vip_bind_failed(&self) {
+        self.families.vip_bind_failures.inc();
+    }
+
     /// The Prometheus text exposition of everything, including `identity`'s certificate
     /// expiry.
     pub fn render(&self, identity: &Identity) -> String {
@@ -220,6 +253,21 @@ impl Metrics {
             "authz_denied",
             "Requests and connections denied by MeshTrafficPermission",
             f.denied,
+        );
+        r.register(
+            "dns_queries",
+            "DNS queries answered by the embedded server, by result",
+            f.dns,
+        );
+        r.register(
+            "vip_listeners",
+            "VIP outbound listeners bound (--bind-vips)",
+            f.vip_listeners,
+        );
+        r.register(
+            "vip_bind_failures",
+            "VIP outbound listeners that could not bind",
+            f.vip_bind_failures,
         );
         if let Some(status) = identity.status() {
             let expiry: Gauge = Gauge::default();

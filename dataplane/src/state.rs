@@ -6,12 +6,13 @@
 //! side (`inbound`, `outbound`, `lb`, `tls`, `metrics`).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use weft_core::names::DnsName;
 use weft_core::policy::ProxyView;
 use weft_core::spec::fields::Protocol;
 use weft_proto::dataplane::v1 as pb;
@@ -21,10 +22,78 @@ use weft_proto::dataplane::v1 as pb;
 pub struct Snapshot {
     pub view: Arc<ProxyView>,
     pub services: BTreeMap<String, Arc<Service>>,
+    /// The mesh's VIP table (only when the proxy asked for virtual outbounds), by DNS name.
+    pub vips: Arc<BTreeMap<DnsName, Vip>>,
     /// 0 before the first update; bumped by every applied update.
     pub generation: u64,
     /// The nonce of the last applied update.
     pub nonce: u64,
+}
+
+/// A virtual IP of the mesh: what `name` resolves to, and the service behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Vip {
+    pub name: DnsName,
+    pub address: Ipv4Addr,
+    pub service: String,
+    /// Only this zone's endpoints (`<service>.<zone>.mesh`); `None`: every zone, ours first.
+    pub zone: Option<String>,
+    pub ports: Vec<u16>,
+}
+
+impl Vip {
+    /// Check one wire VIP; errors name the field (`vips[i].address`).
+    fn parse(i: usize, v: &pb::Vip) -> Result<Vip, String> {
+        let name = match DnsName::parse(&v.name) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(format!("vips[{i}].name: {e}")),
+            None => {
+                return Err(format!(
+                    "vips[{i}].name: {:?} is not under .mesh (expected <service>.mesh or <service>.<zone>.mesh)",
+                    v.name
+                ));
+            }
+        };
+        let zone = (!v.zone.is_empty()).then(|| v.zone.clone());
+        if name.service != v.service || name.zone != zone {
+            return Err(format!(
+                "vips[{i}].name: {:?} does not name service {:?}{}",
+                v.name,
+                v.service,
+                zone.as_deref()
+                    .map_or(String::new(), |z| format!(" in zone {z:?}"))
+            ));
+        }
+        let address = v.address.parse::<Ipv4Addr>().map_err(|_| {
+            format!(
+                "vips[{i}].address: {:?} is not an IPv4 address (expected e.g. 240.0.0.1)",
+                v.address
+            )
+        })?;
+        if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
+            return Err(format!(
+                "vips[{i}].address: {address} cannot be a VIP (unspecified, broadcast or multicast)"
+            ));
+        }
+        let ports = v
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
+                u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("vips[{i}].ports[{j}]: {p} is not a port"))
+            })
+            .collect::<Result<Vec<u16>, String>>()?;
+        Ok(Vip {
+            name,
+            address,
+            service: v.service.clone(),
+            zone,
+            ports,
+        })
+    }
 }
 
 /// A service the proxy may call.
@@ -108,6 +177,11 @@ impl State {
         self.tx.borrow().view.clone()
     }
 
+    /// The VIP of a mesh DNS name now.
+    pub fn vip(&self, name: &DnsName) -> Option<Vip> {
+        self.tx.borrow().vips.get(name).cloned()
+    }
+
     /// Whether a first update has been applied.
     pub fn has_config(&self) -> bool {
         self.tx.borrow().generation > 0
@@ -166,9 +240,23 @@ impl State {
         for name in &update.removed_services {
             services.remove(name);
         }
+        let vips = if update.vips_replace {
+            let mut vips = BTreeMap::new();
+            for (i, v) in update.vips.iter().enumerate() {
+                let vip = Vip::parse(i, v)?;
+                if vips.contains_key(&vip.name) {
+                    return Err(format!("vips[{i}].name: {} is listed twice", vip.name));
+                }
+                vips.insert(vip.name.clone(), vip);
+            }
+            Arc::new(vips)
+        } else {
+            old.vips.clone()
+        };
         self.tx.send_replace(Arc::new(Snapshot {
             view,
             services,
+            vips,
             generation: old.generation + 1,
             nonce: update.nonce,
         }));
@@ -282,5 +370,60 @@ mod tests {
         assert!(err.contains("unknown protocol"), "{err}");
         assert_eq!(state.service("a").unwrap().endpoints[0].port, 1);
         assert_eq!(state.current().generation, 1);
+    }
+
+    fn vip(name: &str, address: &str, zone: &str, ports: &[u32]) -> pb::Vip {
+        pb::Vip {
+            name: name.into(),
+            address: address.into(),
+            service: name.split('.').next().unwrap().into(),
+            zone: zone.into(),
+            ports: ports.to_vec(),
+        }
+    }
+
+    #[test]
+    fn vip_table_replaced_kept_and_validated() {
+        let state = State::new();
+        let mut u = update(true, Some(VIEW), vec![]);
+        u.vips_replace = true;
+        u.vips = vec![
+            vip("backend.mesh", "240.0.0.1", "", &[80, 8080]),
+            vip("backend.west.mesh", "240.0.0.2", "west", &[80]),
+        ];
+        state.apply(&u).unwrap();
+        let west = state.vip(&DnsName::new("backend", Some("west"))).unwrap();
+        assert_eq!(west.address, Ipv4Addr::new(240, 0, 0, 2));
+        assert_eq!(west.zone.as_deref(), Some("west"));
+        assert_eq!(
+            state.vip(&DnsName::new("backend", None)).unwrap().ports,
+            [80, 8080]
+        );
+        // Kept when not replaced, even by a full update.
+        state
+            .apply(&update(true, Some(VIEW), vec![svc("a", &[1])]))
+            .unwrap();
+        assert_eq!(state.current().vips.len(), 2);
+        // All or nothing: one bad entry refuses the update and names it.
+        for (bad, want) in [
+            (vip("a.mesh", "240.0.0.300", "", &[80]), "vips[1].address"),
+            (vip("a.mesh", "240.0.0.3", "", &[0]), "vips[1].ports[0]"),
+            (vip("a.mesh", "240.0.0.3", "", &[65536]), "vips[1].ports[0]"),
+            (vip("a.example.com", "240.0.0.3", "", &[80]), "vips[1].name"),
+            (vip("a.west.mesh", "240.0.0.3", "", &[80]), "vips[1].name"),
+            (vip("backend.mesh", "240.0.0.3", "", &[80]), "listed twice"),
+        ] {
+            let mut u = update(false, None, vec![]);
+            u.vips_replace = true;
+            u.vips = vec![vip("backend.mesh", "240.0.0.1", "", &[80]), bad];
+            let err = state.apply(&u).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert_eq!(state.current().vips.len(), 2);
+        // Replaced by an empty table.
+        let mut u = update(false, None, vec![]);
+        u.vips_replace = true;
+        state.apply(&u).unwrap();
+        assert!(state.current().vips.is_empty());
     }
 }
