@@ -69,6 +69,16 @@ impl Pki {
         }
     }
 
+    /// A certificate and key as PEM (for tonic).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &*self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     fn roots(&self) -> Arc<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der()).unwrap();
