@@ -309,3 +309,54 @@ async fn a_refused_first_session_stops_the_ingress() {
     assert!(err.contains("bad signature"), "{err}");
     assert!(err.contains("--token-file"), "{err}");
 }
+
+/// SIGTERM's drain (as `main` drives it): `/ready` says draining, new connections are not
+/// accepted, an open connection finishes, then `serve` returns.
+#[tokio::test]
+async fn drain_waits_for_open_connections() {
+    let pki = Pki::new();
+    let backend = Backend::start(&pki, "backend-1").await;
+    let config = pki.client_config(&pki.issue(&["frontend.west.payments.weft"]));
+    let mut zone = Zone::start().await;
+    let ingress = start_ingress(&zone).await;
+    let mut s = zone.session().await;
+    s.register().await;
+    let full = pb::Update {
+        nonce: 1,
+        full: true,
+        services: vec![service("payments", "backend", vec![backend.endpoint()])],
+        ..Default::default()
+    };
+    assert_eq!(s.update(full).await, ProxyMsg::Ack(pb::Ack { nonce: 1 }));
+    wait_ready(ingress.admin, 200, "ready").await;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(ingress.traffic)
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = rustls::pki_types::ServerName::try_from(SNI).unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+
+    ingress.shutdown.drain.cancel();
+    wait_ready(ingress.admin, 503, "draining").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(ingress.traffic)
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!ingress.task.is_finished(), "waits for the open connection");
+    tls.write_all(b"last words").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "backend-1: last words");
+    tokio::time::timeout(WAIT, ingress.task)
+        .await
+        .expect("serve returns once the connection is done")
+        .unwrap()
+        .unwrap();
+}
