@@ -210,9 +210,17 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Context) {
     }
 }
 
+/// Count and log a refusal. A weft SNI this zone cannot serve (another zone's, an unknown
+/// service, no endpoints) points at a configuration problem somewhere: a warning. Anything
+/// else is what scanners and health checks send: debug, so they cannot flood the log.
 fn refuse(ctx: &Context, r: Refusal) {
     ctx.metrics.refused(r.reason);
-    tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "refused");
+    match r.reason {
+        Reason::OtherZone | Reason::UnknownService | Reason::NoEndpoint => {
+            tracing::warn!(reason = r.reason.as_str(), detail = %r.detail, "connection refused")
+        }
+        _ => tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "connection refused"),
+    }
 }
 
 /// Connect to the service's endpoints in round-robin order until one accepts.
