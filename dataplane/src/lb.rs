@@ -439,7 +439,9 @@ impl<T: Default> Inner<T> {
         }
         let view = snapshot.view.clone();
         let algorithm = Algorithm::for_service(&view, name);
-        let prefer_local = !locality_disabled(&view, name) && locality.pinned.is_none();
+        let prefer_local = !locality.local_zone.is_empty()
+            && locality.pinned.is_none()
+            && !locality_disabled(&view, name);
         let mtls = view.mtls;
         if same_service
             && self.set.algorithm == algorithm

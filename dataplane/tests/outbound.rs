@@ -4,8 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -47,6 +47,8 @@ struct Upstream {
     release: Arc<Semaphore>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// The SNI of every TLS connection accepted.
+    snis: Arc<Mutex<Vec<String>>>,
 }
 
 impl Upstream {
@@ -69,7 +71,9 @@ impl Upstream {
             release: Arc::new(Semaphore::new(0)),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            snis: Arc::default(),
         };
+        let snis = up.snis.clone();
         let (name, hits, open, release, stop, tasks) = (
             up.name.clone(),
             up.hits.clone(),
@@ -89,13 +93,14 @@ impl Upstream {
                     _ = stop.cancelled() => return,
                     r = listener.accept() => r.unwrap(),
                 };
-                let (name, hits, open, release, stop, tls) = (
+                let (name, hits, open, release, stop, tls, snis) = (
                     name.clone(),
                     hits.clone(),
                     open.clone(),
                     release.clone(),
                     stop.clone(),
                     tls.clone(),
+                    snis.clone(),
                 );
                 tasks.spawn(async move {
                     open.fetch_add(1, SeqCst);
@@ -113,6 +118,8 @@ impl Upstream {
                         }
                         Some(tls) => {
                             if let Ok(tls) = tls.accept(tcp).await {
+                                let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
+                                snis.lock().unwrap().push(sni);
                                 let conn = server.serve_connection(TokioIo::new(tls), service);
                                 tokio::select! {
                                     _ = stop.cancelled() => {}
@@ -746,4 +753,37 @@ async fn mtls_reaches_the_expected_service_only() {
         .unwrap();
     let a = get(&client, &proxy.url("/")).await;
     assert_ne!(a.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn mtls_sends_the_endpoints_zone_as_sni() {
+    let ca = Ca::new(MESH);
+    let east = Upstream::start_tls("east", ca.identity("backend")).await;
+    let west = Upstream::start_tls("west-ingress", ca.identity("backend")).await;
+    let zoned = |addr: SocketAddr, zone: &str| {
+        let mut s = service("http", &[addr]);
+        s.endpoints[0].zone = zone.into();
+        s
+    };
+    let proxy = Proxy::start_as(
+        full(view(true, false), vec![zoned(east.addr, "east")]),
+        ca.identity("web"),
+    )
+    .await;
+    let client = http1();
+    let a = get(&client, &proxy.url("/")).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "east"));
+    assert_eq!(*east.snis.lock().unwrap(), ["backend.east.default.weft"]);
+    // Another zone's endpoint (its ingress): the SNI names that zone; the server is still
+    // verified by its SPIFFE ID (spiffe://default/backend).
+    proxy
+        .state
+        .apply(&full(view(true, false), vec![zoned(west.addr, "west")]))
+        .unwrap();
+    let a = get(&client, &proxy.url("/")).await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (StatusCode::OK, "west-ingress")
+    );
+    assert_eq!(*west.snis.lock().unwrap(), ["backend.west.default.weft"]);
 }
