@@ -198,6 +198,11 @@ impl Drop for Proxy {
 }
 
 fn mk_proxy(zone: &Zone) -> Proxy {
+    mk_proxy_with(zone, false)
+}
+
+/// A proxy that asks for virtual outbounds (as with --dns-address or --bind-vips) or not.
+fn mk_proxy_with(zone: &Zone, virtual_outbounds: bool) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "dp-token-123\n").unwrap();
@@ -209,7 +214,7 @@ fn mk_proxy(zone: &Zone) -> Proxy {
         name: "web-1".into(),
         mesh: "default".into(),
         service: "web".into(),
-        virtual_outbounds: false,
+        virtual_outbounds,
         timing: Timing {
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
@@ -306,6 +311,10 @@ async fn hello_then_ack_for_a_good_update_and_nack_for_a_bad_one() {
     assert_eq!(s.hello.dataplane, DATAPLANE, "the file's text as is");
     assert_eq!(s.hello.version, env!("CARGO_PKG_VERSION"));
     assert!(!s.hello.has_config);
+    assert!(
+        !s.hello.virtual_outbounds,
+        "no --dns-address nor --bind-vips"
+    );
 
     s.register(false).await;
     s.send(full_update(1)).await;
@@ -869,4 +878,38 @@ async fn with_mtls_the_binary_serves_once_the_certificate_is_installed() {
         ),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn virtual_outbounds_ask_for_the_vip_table_and_a_bad_one_is_refused() {
+    let mut zone = Zone::start().await;
+    let proxy = mk_proxy_with(&zone, true);
+    let mut s = zone.session().await;
+    assert!(s.hello.virtual_outbounds);
+    s.register(false).await;
+    let ZoneMsg::Update(mut u) = full_update(1) else {
+        panic!("an update")
+    };
+    u.vips_replace = true;
+    u.vips = vec![pb::Vip {
+        name: "backend.west.mesh".into(),
+        address: "240.0.0.7".into(),
+        service: "backend".into(),
+        zone: "west".into(),
+        ports: vec![8080],
+    }];
+    s.send(ZoneMsg::Update(u.clone())).await;
+    assert_eq!(s.recv().await, ProxyMsg::Ack(pb::Ack { nonce: 1 }));
+    assert_eq!(proxy.state.current().vips.len(), 1);
+    // A bad address: NACK naming the field, the table stays.
+    u.nonce = 2;
+    u.vips[0].address = "240.0.0.700".into();
+    s.send(ZoneMsg::Update(u)).await;
+    let ProxyMsg::Nack(nack) = s.recv().await else {
+        panic!("a Nack expected")
+    };
+    assert!(nack.reason.contains("vips[0].address"), "{}", nack.reason);
+    let vips = proxy.state.current().vips.clone();
+    let vip = vips.values().next().unwrap();
+    assert_eq!(vip.address.to_string(), "240.0.0.7");
 }
