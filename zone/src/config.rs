@@ -96,6 +96,14 @@ pub struct RunArgs {
     /// with a config, so they never see a half-registered mesh [default: 5s; 0s disables].
     #[arg(long, env = "WEFT_ZONE_DATAPLANE_WARMUP")]
     pub dataplane_warmup: Option<weft_core::validate::Duration>,
+    /// The IPv4 range the zone allocates mesh VIPs from (`<service>.mesh`,
+    /// `<service>.<zone>.mesh`) [default: 127.240.0.0/12].
+    #[arg(long, env = "WEFT_ZONE_VIP_CIDR")]
+    pub vip_cidr: Option<String>,
+    /// How long a VIP whose name no service uses any more keeps its address before it is
+    /// released [default: 1h].
+    #[arg(long, env = "WEFT_ZONE_VIP_RETENTION")]
+    pub vip_retention: Option<weft_core::validate::Duration>,
 }
 
 /// The optional YAML file: the same settings as the flags.
@@ -118,6 +126,8 @@ struct File {
     dataplane_key_file: Option<PathBuf>,
     workload_cert_validity: Option<weft_core::validate::Duration>,
     dataplane_warmup: Option<weft_core::validate::Duration>,
+    vip_cidr: Option<String>,
+    vip_retention: Option<weft_core::validate::Duration>,
 }
 
 /// The resolved configuration of `weft-zone run`.
@@ -134,6 +144,25 @@ pub struct Config {
     pub kds_liveness: weft_proto::driver::Liveness,
     /// The data-plane API proxies connect to.
     pub dataplane: Dataplane,
+    /// The mesh VIPs.
+    pub vip: Vip,
+}
+
+/// Settings of the mesh VIPs (`crate::vip`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub cidr: crate::vip::Cidr,
+    /// How long an unused name keeps its address.
+    pub retention: std::time::Duration,
+}
+
+impl Default for Vip {
+    fn default() -> Self {
+        Vip {
+            cidr: crate::vip::DEFAULT_CIDR.parse().expect("valid default"),
+            retention: crate::vip::DEFAULT_RETENTION,
+        }
+    }
 }
 
 /// Settings of the data-plane API (`docs/dataplane-api.md`).
@@ -201,6 +230,7 @@ impl Config {
             log_format: LogFormat::Text,
             kds_liveness: weft_proto::driver::Liveness::default(),
             dataplane: Dataplane::default(),
+            vip: Vip::default(),
         }
     }
 
@@ -211,6 +241,16 @@ impl Config {
             None => File::default(),
         };
         let dataplane = resolve_dataplane(&args, &file, &crate::config::Dataplane::default())?;
+        let vip = Vip {
+            cidr: match args.vip_cidr.as_ref().or(file.vip_cidr.as_ref()) {
+                Some(c) => c.parse().map_err(anyhow::Error::msg)?,
+                None => Vip::default().cidr,
+            },
+            retention: args
+                .vip_retention
+                .or(file.vip_retention)
+                .map_or(crate::vip::DEFAULT_RETENTION, |d| d.as_std()),
+        };
         let Some(zone) = args.zone.or(file.zone) else {
             bail!(
                 "--zone is required (or WEFT_ZONE_NAME, or zone in the config file): this zone's name, a DNS label such as east"
@@ -233,6 +273,7 @@ impl Config {
         let d = Config::new(zone);
         Ok(Config {
             dataplane,
+            vip,
             global,
             api_address: args
                 .api_address
@@ -483,5 +524,24 @@ mod tests {
             e.to_string().contains("only applies to the generated"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn vip_flags() {
+        let v = resolve(&[]).unwrap().vip;
+        assert_eq!(v, Vip::default());
+        assert_eq!(v.cidr.to_string(), "127.240.0.0/12");
+        let v = resolve(&["--vip-cidr", "10.96.0.0/16", "--vip-retention", "10m"])
+            .unwrap()
+            .vip;
+        assert_eq!(v.cidr.to_string(), "10.96.0.0/16");
+        assert_eq!(v.retention, std::time::Duration::from_secs(600));
+        let e = resolve(&["--vip-cidr", "fd00::/64"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--vip-cidr \"fd00::/64\": IPv6"),
+            "{e}"
+        );
+        let e = resolve(&["--vip-cidr", "10.96.0.1/16"]).unwrap_err();
+        assert!(e.to_string().contains("did you mean 10.96.0.0/16"), "{e}");
     }
 }

@@ -15,6 +15,7 @@ pub mod dataplane;
 pub mod identity;
 pub mod kds;
 pub mod trust;
+pub mod vip;
 
 use std::sync::Arc;
 
@@ -199,12 +200,18 @@ pub async fn serve_with(
     let listener = listeners.api;
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+    let vips = vip::Allocator::load(&cfg.data_dir, cfg.vip.cidr, cfg.vip.retention)?;
+    tracing::info!(cidr = %cfg.vip.cidr, kept = vips.len(), "mesh VIPs");
     let hub = dataplane::Hub::new(
         &cfg.zone,
         store.clone(),
         identity.clone(),
         trust.clone(),
         cfg.dataplane.clone(),
+        cfg.data_dir.clone(),
+        vips,
     );
     {
         // `set_extra` takes one renderer: the KDS link's and the data-plane API's lines.
@@ -265,8 +272,11 @@ pub async fn serve_with(
             state,
             identity::routes(identity)
                 .merge(trust::routes(trust))
-                .merge(dataplane::insight::routes(hub)),
-        ),
+                .merge(dataplane::insight::routes(hub.clone())),
+        )
+        .layer(axum::middleware::from_fn(move |req, next| {
+            dataplane::insight::fill_vips(hub.clone(), req, next)
+        })),
     )
     .with_graceful_shutdown(stop.clone().cancelled_owned())
     .await;

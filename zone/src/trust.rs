@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tonic::transport::Channel;
-use weft_core::token::{self, DataplaneClaims, VerifyingKey};
+use weft_core::token::{self, Claims, DataplaneClaims, Scope, VerifyingKey};
 use weft_proto::kds::v1 as pb;
 
 /// How often the zone asks global for the trust while connected.
@@ -29,6 +29,20 @@ pub enum Error {
         name: String,
         mesh: String,
     },
+    #[error(
+        "zone token for {zone:?} has scope {scope}, not {want} (issue one with `weftctl generate zone-token --zone {zone} --scope {want}`)"
+    )]
+    Scope {
+        zone: String,
+        scope: Scope,
+        want: Scope,
+    },
+    #[error(
+        "zone token is for zone {zone:?}, not this zone {want:?} (issue one with `weftctl generate zone-token --zone {want} --scope ingress`)"
+    )]
+    OtherZone { zone: String, want: String },
+    #[error("zone token {jti} for {zone:?} was revoked")]
+    ZoneRevoked { jti: String, zone: String },
 }
 
 #[derive(Default)]
@@ -103,6 +117,52 @@ impl Trust {
                 jti: claims.jti,
                 name: claims.sub,
                 mesh: claims.mesh,
+            });
+        }
+        Ok(claims)
+    }
+
+    /// Check a zone token presented to this zone `zone` for `scope` (a zone ingress:
+    /// [`Scope::Ingress`]): signature, expiry, scope, zone, and revocation as last known.
+    pub fn verify_zone_token(
+        &self,
+        token: &str,
+        scope: Scope,
+        zone: &str,
+    ) -> Result<Claims, Error> {
+        self.verify_zone_token_at(token, SystemTime::now(), scope, zone)
+    }
+
+    /// [`Trust::verify_zone_token`] at a given time.
+    pub fn verify_zone_token_at(
+        &self,
+        token: &str,
+        now: SystemTime,
+        scope: Scope,
+        zone: &str,
+    ) -> Result<Claims, Error> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        if known.at.is_none() {
+            return Err(Error::NotYet);
+        }
+        let claims = token::verify(token, &known.keys, now)?;
+        if claims.scope != scope {
+            return Err(Error::Scope {
+                zone: claims.sub,
+                scope: claims.scope,
+                want: scope,
+            });
+        }
+        if claims.sub != zone {
+            return Err(Error::OtherZone {
+                zone: claims.sub,
+                want: zone.to_string(),
+            });
+        }
+        if known.revoked.contains(&claims.jti) {
+            return Err(Error::ZoneRevoked {
+                jti: claims.jti,
+                zone: claims.sub,
             });
         }
         Ok(claims)

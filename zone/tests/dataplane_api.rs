@@ -229,6 +229,7 @@ impl Zone {
             dataplane: dp.to_string(),
             version: "test-1".to_string(),
             has_config,
+            virtual_outbounds: false,
         };
         let mut p = self
             .open(pb::proxy_message::Msg::Hello(hello))
@@ -338,6 +339,7 @@ async fn refused_hellos_name_the_cause() {
         dataplane: dp.to_string(),
         version: "t".into(),
         has_config: false,
+        virtual_outbounds: false,
     };
 
     // No trust from global yet: the zone says so.

@@ -1,25 +1,44 @@
-//! The zone's view of its proxies, in plain synchronous code behind one lock (no I/O, no
-//! `.await`): which dataplanes are online, the endpoints each contributes per service, which
-//! sessions want which services, the policy resources per mesh, and what each session still
-//! has to be sent (`Pending`). Events come in (a session registers or ends, a resource
-//! changes); sessions are woken through their `Notify` and take a [`Plan`].
+//! The zone's view of its proxies and services, in plain synchronous code behind one lock (no
+//! I/O, no `.await`): which dataplanes and zone ingresses are online, the endpoints each
+//! dataplane contributes per service, which sessions want which services, the policy
+//! resources per mesh, what other zones offer (their MeshServices and ZoneIngresses, received
+//! over KDS), the VIP table per mesh, and what each session still has to be sent
+//! (`Pending`). Events come in (a session registers or ends, a resource changes); sessions
+//! are woken through their `Notify` and take a [`Plan`]; the writer task is woken through
+//! [`Index::writer`] and takes [`Writes`] (the managed MeshServices and `vips.json` to write).
 //!
 //! Cost: a change of one dataplane touches the services it serves and wakes only their
-//! subscribers; a policy change wakes the sessions of its mesh (each re-resolves its view).
+//! subscribers (plus the mesh's virtual-outbound sessions and the zone ingresses); a change
+//! of another zone's MeshService or ZoneIngress wakes the subscribers of the services
+//! concerned; a policy change wakes the sessions of its mesh (each re-resolves its view).
+//!
+//! Endpoint set of service S of mesh M for a proxy: the local instances, plus, for every
+//! other zone Z whose MeshService for S reports `status.instances > 0`, one endpoint per
+//! ZoneIngress of Z (weight = instances). Zone ingresses get only the local instances.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use weft_core::names::DnsName;
 use weft_core::spec::dataplane::Networking;
-use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG};
-use weft_core::{Key, Kind, Resource};
+use weft_core::spec::service::MeshServiceSpec;
+use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG, ZoneIngressSpec};
+use weft_core::{Key, Kind, Resource, ZONE_LABEL};
 use weft_proto::dataplane::v1 as pb;
 
-/// A dataplane: (mesh, name).
+use crate::vip;
+
+/// A dataplane: (mesh, name). A zone ingress's session is (`""`, name).
 pub type DpKey = (String, String);
+/// A service of a mesh: (mesh, service).
+pub type SvcKey = (String, String);
+
+/// The `weft.io/managed-by` value of the MeshServices the zone generates.
+pub const MANAGED_BY: &str = "weft-zone";
 
 /// What one online dataplane contributes to one service: its protocols and endpoints.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,18 +68,41 @@ impl Close {
     }
 }
 
+/// What kind of client a session serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A sidecar; with `virtual_outbounds` it wants every service of its mesh and the VIPs.
+    Proxy { virtual_outbounds: bool },
+    /// A zone ingress: the local endpoints of every service of every mesh.
+    Ingress,
+}
+
+impl Role {
+    fn is_virtual(self) -> bool {
+        self == Role::Proxy {
+            virtual_outbounds: true,
+        }
+    }
+}
+
 /// What a session still has to send.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pending {
     pub full: bool,
     pub view: bool,
-    pub services: BTreeSet<String>,
+    /// The mesh's VIP table (virtual-outbound sessions).
+    pub vips: bool,
+    pub services: BTreeSet<SvcKey>,
     pub removed: BTreeSet<String>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        !self.full && !self.view && self.services.is_empty() && self.removed.is_empty()
+        !self.full
+            && !self.view
+            && !self.vips
+            && self.services.is_empty()
+            && self.removed.is_empty()
     }
 }
 
@@ -69,9 +111,19 @@ impl Pending {
 #[derive(Clone, Debug, Default)]
 pub struct Sent {
     pub view_json: Option<String>,
-    pub services: BTreeMap<String, pb::ServiceEndpoints>,
+    pub services: BTreeMap<SvcKey, pb::ServiceEndpoints>,
     /// (not after, SPIFFE ID) of the last certificate issued.
     pub certificate: Option<(SystemTime, String)>,
+}
+
+/// The key a sent endpoint set is recorded under: its mesh (the session's for proxies).
+pub fn sent_key(session_mesh: &str, s: &pb::ServiceEndpoints) -> SvcKey {
+    let mesh = if s.mesh.is_empty() {
+        session_mesh
+    } else {
+        &s.mesh
+    };
+    (mesh.to_string(), s.service.clone())
 }
 
 /// The session's status, for `/_inspect/dataplanes`.
@@ -90,6 +142,7 @@ pub struct Insight {
 struct Session {
     id: u64,
     resource: Resource,
+    role: Role,
     contributes: BTreeMap<String, Contribution>,
     wanted: BTreeSet<String>,
     pending: Pending,
@@ -119,6 +172,26 @@ struct MeshState {
     resources: BTreeMap<Key, Resource>,
     snapshot: Option<Arc<Vec<Resource>>>,
     spec: Option<MeshSpec>,
+    /// Sessions of this mesh with virtual outbounds.
+    virtual_sessions: BTreeSet<String>,
+    /// The VIP table, per service.
+    vips: BTreeMap<String, Vec<pb::Vip>>,
+}
+
+/// Another zone's MeshService as received over KDS.
+#[derive(Clone, Debug, PartialEq)]
+struct Remote {
+    instances: u32,
+    /// port -> appProtocol.
+    ports: BTreeMap<u32, Option<String>>,
+}
+
+/// What a service looks like in one zone.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ZoneInfo {
+    instances: u32,
+    /// port -> protocol.
+    ports: BTreeMap<u32, String>,
 }
 
 /// What a session sends next: taken from the index, computed outside the lock.
@@ -126,13 +199,25 @@ struct MeshState {
 pub struct Plan {
     pub pending: Pending,
     pub resource: Resource,
+    pub role: Role,
     /// The resources `policy::resolve` needs, when the view is to be (re)computed.
     pub mesh_resources: Option<Arc<Vec<Resource>>>,
     /// The endpoint sets of `pending.services` (all wanted when full) now.
     pub services: Vec<pb::ServiceEndpoints>,
     /// What was last sent.
     pub sent_view: Option<String>,
-    pub sent_services: BTreeMap<String, pb::ServiceEndpoints>,
+    pub sent_services: BTreeMap<SvcKey, pb::ServiceEndpoints>,
+    /// The mesh's whole VIP table, when it is to be (re)sent.
+    pub vips: Option<Vec<pb::Vip>>,
+}
+
+/// What the writer task writes next (outside the lock).
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// The managed MeshService each service should have now (its spec), `None`: none.
+    pub services: Vec<(SvcKey, Option<Value>)>,
+    /// The new content of `vips.json`, when the table changed.
+    pub vips_json: Option<String>,
 }
 
 /// A registered session's handles.
@@ -146,10 +231,26 @@ pub struct Index {
     zone: String,
     next_id: u64,
     sessions: HashMap<DpKey, Session>,
-    services: HashMap<DpKey, ServiceEntry>,
+    services: HashMap<SvcKey, ServiceEntry>,
     meshes: HashMap<String, MeshState>,
     /// The last insight and config of dataplanes whose session ended.
     past: HashMap<DpKey, (Insight, Sent)>,
+    /// Sessions of zone ingresses.
+    ingresses: BTreeSet<DpKey>,
+    /// Every local Dataplane in the store (online or not): per service, per dataplane, the
+    /// ports it declares (port -> protocol).
+    declared: HashMap<SvcKey, BTreeMap<String, BTreeMap<u32, String>>>,
+    dp_declares: HashMap<DpKey, BTreeSet<String>>,
+    /// Other zones' MeshServices: per service, per zone.
+    remote: HashMap<SvcKey, BTreeMap<String, Remote>>,
+    remote_keys: HashMap<Key, (SvcKey, String)>,
+    /// Other zones' ZoneIngresses: per zone, per name, the address other zones dial.
+    remote_ingresses: BTreeMap<String, BTreeMap<String, (String, u32)>>,
+    remote_ingress_zone: HashMap<String, String>,
+    vips: vip::Allocator,
+    /// Services whose managed MeshService may have to change.
+    dirty_services: BTreeSet<SvcKey>,
+    writer: Arc<Notify>,
 }
 
 /// Whether resources of `kind` go into a mesh's policy context.
@@ -157,6 +258,11 @@ pub fn in_mesh_context(kind: Kind) -> bool {
     kind == Kind::Mesh
         || kind.is_policy()
         || matches!(kind, Kind::MeshService | Kind::MeshExternalService)
+}
+
+/// The kinds the index follows in the store.
+pub fn followed(kind: Kind) -> bool {
+    in_mesh_context(kind) || matches!(kind, Kind::Dataplane | Kind::ZoneIngress)
 }
 
 /// The services a Dataplane's outbounds name.
@@ -226,35 +332,64 @@ pub fn contributions(
     out
 }
 
+/// The services a Dataplane declares (ready or not), with their ports and protocols.
+fn declarations(spec: &DataplaneSpec) -> BTreeMap<String, BTreeMap<u32, String>> {
+    let mut out: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();
+    for ib in &spec.networking.inbound {
+        if let Some(service) = ib.tags.get(SERVICE_TAG) {
+            out.entry(service.clone())
+                .or_default()
+                .insert(u32::from(ib.port.0), protocol_name(ib.protocol.as_ref()));
+        }
+    }
+    out
+}
+
 fn spec_of(r: &Resource) -> Option<DataplaneSpec> {
     serde_json::from_value(r.spec.clone()).ok()
 }
 
+/// The one protocol of a set, tcp when they disagree; `None` for an empty set.
+fn agreed<'a>(protocols: impl IntoIterator<Item = &'a String>) -> Option<String> {
+    let set: BTreeSet<&String> = protocols.into_iter().collect();
+    match set.len() {
+        0 => None,
+        1 => set.into_iter().next().cloned(),
+        _ => Some("tcp".to_string()),
+    }
+}
+
 impl ServiceEntry {
-    /// The endpoint set as sent: dataplanes in name order; the protocol they agree on, tcp
-    /// when they do not.
-    fn build(&self, service: &str) -> pb::ServiceEndpoints {
+    /// The local endpoints, dataplanes in name order, and the protocols they declare.
+    fn local(&self) -> (BTreeSet<String>, Vec<pb::Endpoint>) {
         let mut protocols = BTreeSet::new();
         let mut endpoints = Vec::new();
         for c in self.by_dp.values() {
             protocols.extend(c.protocols.iter().cloned());
             endpoints.extend(c.endpoints.iter().cloned());
         }
-        let protocol = if protocols.len() == 1 {
-            protocols.into_iter().next().expect("one")
-        } else {
-            "tcp".to_string()
-        };
-        pb::ServiceEndpoints {
-            service: service.to_string(),
-            protocol,
-            endpoints,
-        }
+        (protocols, endpoints)
     }
 }
 
+/// A MeshService without its status: what the policy context depends on.
+fn without_status(r: &Resource) -> (BTreeMap<String, String>, Value) {
+    let mut spec = r.spec.clone();
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("status");
+    }
+    (r.labels.clone(), spec)
+}
+
 impl Index {
+    /// An index for `zone` with a fresh VIP table over the default range.
     pub fn new(zone: &str) -> Index {
+        let cidr = vip::DEFAULT_CIDR.parse().expect("valid default");
+        Index::with_vips(zone, vip::Allocator::new(cidr, vip::DEFAULT_RETENTION))
+    }
+
+    /// An index for `zone` that allocates VIPs from `vips` (loaded from the data dir).
+    pub fn with_vips(zone: &str, vips: vip::Allocator) -> Index {
         Index {
             zone: zone.to_string(),
             next_id: 0,
@@ -262,7 +397,22 @@ impl Index {
             services: HashMap::new(),
             meshes: HashMap::new(),
             past: HashMap::new(),
+            ingresses: BTreeSet::new(),
+            declared: HashMap::new(),
+            dp_declares: HashMap::new(),
+            remote: HashMap::new(),
+            remote_keys: HashMap::new(),
+            remote_ingresses: BTreeMap::new(),
+            remote_ingress_zone: HashMap::new(),
+            vips,
+            dirty_services: BTreeSet::new(),
+            writer: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified when there is something for the writer task ([`Index::take_writes`]).
+    pub fn writer(&self) -> Arc<Notify> {
+        self.writer.clone()
     }
 
     /// Online sessions.
@@ -275,30 +425,56 @@ impl Index {
         self.meshes.get(mesh).and_then(|m| m.spec.clone())
     }
 
-    /// Register a session for the stored (stamped) Dataplane `resource`. A session already
-    /// there for the same dataplane is closed and replaced.
-    pub fn register(&mut self, resource: Resource, service: &str, version: &str) -> Registration {
-        let key: DpKey = (
-            resource.mesh.clone().unwrap_or_default(),
-            resource.name.clone(),
-        );
+    /// The stored resource of the session of `key`, if one is online.
+    pub fn resource_of(&self, key: &DpKey) -> Option<Resource> {
+        self.sessions.get(key).map(|s| s.resource.clone())
+    }
+
+    /// Whether session `key` is online (any id).
+    pub fn is_online(&self, key: &DpKey) -> bool {
+        self.sessions.contains_key(key)
+    }
+
+    /// Register a session for the stored (stamped) Dataplane or ZoneIngress `resource`. A
+    /// session already there for the same dataplane (ingress) is closed and replaced.
+    pub fn register(
+        &mut self,
+        resource: Resource,
+        role: Role,
+        service: &str,
+        version: &str,
+    ) -> Registration {
+        let key: DpKey = match role {
+            Role::Ingress => (String::new(), resource.name.clone()),
+            Role::Proxy { .. } => (
+                resource.mesh.clone().unwrap_or_default(),
+                resource.name.clone(),
+            ),
+        };
         if let Some(old) = self.remove_session(&key) {
-            old.close(format!(
-                "replaced by a newer session of dataplane {:?} in mesh {:?}",
-                key.1, key.0
-            ));
+            let what = match role {
+                Role::Ingress => format!("zone ingress {:?}", key.1),
+                Role::Proxy { .. } => format!("dataplane {:?} in mesh {:?}", key.1, key.0),
+            };
+            old.close(format!("replaced by a newer session of {what}"));
         }
         self.next_id += 1;
         let id = self.next_id;
         let notify = Arc::new(Notify::new());
         let close = Arc::new(Close::default());
         let now = SystemTime::now();
-        let spec = spec_of(&resource);
-        let wanted = spec.as_ref().map(wanted).unwrap_or_default();
-        let contributes = spec
-            .as_ref()
-            .map(|s| contributions(&self.zone, &key.1, s))
-            .unwrap_or_default();
+        let (wanted, contributes) = match role {
+            Role::Ingress => (BTreeSet::new(), BTreeMap::new()),
+            Role::Proxy { .. } => {
+                let spec = spec_of(&resource);
+                (
+                    spec.as_ref().map(wanted).unwrap_or_default(),
+                    spec.as_ref()
+                        .map(|s| contributions(&self.zone, &key.1, s))
+                        .unwrap_or_default(),
+                )
+            }
+        };
         for s in &wanted {
             self.services
                 .entry((key.0.clone(), s.clone()))
@@ -306,17 +482,34 @@ impl Index {
                 .subscribers
                 .insert(key.1.clone());
         }
+        match role {
+            Role::Ingress => {
+                self.ingresses.insert(key.clone());
+            }
+            Role::Proxy {
+                virtual_outbounds: true,
+            } => {
+                self.meshes
+                    .entry(key.0.clone())
+                    .or_default()
+                    .virtual_sessions
+                    .insert(key.1.clone());
+            }
+            Role::Proxy { .. } => {}
+        }
         let sent = self.past.remove(&key).map(|(_, s)| s).unwrap_or_default();
         self.sessions.insert(
             key.clone(),
             Session {
                 id,
                 resource,
+                role,
                 contributes: BTreeMap::new(),
                 wanted,
                 pending: Pending {
                     full: true,
-                    view: true,
+                    view: role != Role::Ingress,
+                    vips: role.is_virtual(),
                     ..Pending::default()
                 },
                 notify: notify.clone(),
@@ -360,13 +553,17 @@ impl Index {
                 }
             }
         }
+        self.ingresses.remove(key);
+        if let Some(m) = self.meshes.get_mut(&key.0) {
+            m.virtual_sessions.remove(&key.1);
+        }
         let mut insight = s.insight;
         insight.last_seen = Some(SystemTime::now());
         self.past.insert(key.clone(), (insight, s.sent));
         Some(s.close)
     }
 
-    /// Replace what `key` contributes, waking the subscribers of every service that changed.
+    /// Replace what `key` contributes, waking the sessions of every service that changed.
     fn set_contributions(&mut self, key: &DpKey, new: BTreeMap<String, Contribution>) {
         let old = match self.sessions.get_mut(key) {
             Some(s) => std::mem::take(&mut s.contributes),
@@ -391,29 +588,96 @@ impl Index {
             if entry.by_dp.is_empty() && entry.subscribers.is_empty() {
                 self.services.remove(&k);
             }
-            changed.push(svc.clone());
+            changed.push(k);
         }
         if let Some(s) = self.sessions.get_mut(key) {
             s.contributes = new;
         }
-        for svc in changed {
-            let subs: Vec<String> = self
-                .services
-                .get(&(key.0.clone(), svc.clone()))
-                .map(|e| e.subscribers.iter().cloned().collect())
-                .unwrap_or_default();
-            for sub in subs {
-                if let Some(s) = self.sessions.get_mut(&(key.0.clone(), sub)) {
-                    s.pending.services.insert(svc.clone());
-                    s.wake();
-                }
-            }
+        for k in changed {
+            self.touched(&k, true);
         }
     }
 
-    /// A Dataplane changed in the store (`None`: deleted). Only dataplanes with a session
-    /// here matter; a deleted one has its session closed.
+    /// Service `k` changed (`local`: its local instances or declarations; else another
+    /// zone's offer): wake its subscribers, the mesh's virtual-outbound sessions and, for a
+    /// local change, the zone ingresses and the writer; refresh its VIPs.
+    fn touched(&mut self, k: &SvcKey, local: bool) {
+        let mut wake: Vec<DpKey> = Vec::new();
+        if let Some(e) = self.services.get(k) {
+            wake.extend(e.subscribers.iter().map(|s| (k.0.clone(), s.clone())));
+        }
+        if let Some(m) = self.meshes.get(&k.0) {
+            wake.extend(m.virtual_sessions.iter().map(|s| (k.0.clone(), s.clone())));
+        }
+        if local {
+            wake.extend(self.ingresses.iter().cloned());
+            self.dirty_services.insert(k.clone());
+            self.writer.notify_one();
+        }
+        for w in wake {
+            if let Some(s) = self.sessions.get_mut(&w) {
+                s.pending.services.insert(k.clone());
+                s.wake();
+            }
+        }
+        self.refresh_vips(k);
+    }
+
+    /// One store event (or a listed resource): route it by kind.
+    pub fn apply(&mut self, key: &Key, version: u64, resource: Option<&Resource>) {
+        match key.kind {
+            Kind::Dataplane => {
+                let dp: DpKey = (key.mesh_str().to_string(), key.name.clone());
+                self.dataplane_changed(&dp, version, resource);
+            }
+            Kind::ZoneIngress => self.zone_ingress_changed(key, resource),
+            Kind::MeshService => self.mesh_service_changed(key, resource),
+            k if in_mesh_context(k) => self.mesh_resource_changed(key, resource),
+            _ => {}
+        }
+    }
+
+    /// After a (re)list of every followed kind: forget what is gone, take in what is there.
+    pub fn resync(&mut self, all: &[Resource]) {
+        self.reset_meshes();
+        let present: HashSet<Key> = all.iter().map(Resource::key).collect();
+        let gone: Vec<DpKey> = self
+            .dp_declares
+            .keys()
+            .filter(|k| !present.contains(&Key::new(Kind::Dataplane, Some(&k.0), &k.1)))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.declared_changed(&k, None);
+        }
+        let gone: Vec<Key> = self
+            .remote_keys
+            .keys()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.mesh_service_changed(&k, None);
+        }
+        let gone: Vec<Key> = self
+            .remote_ingress_zone
+            .keys()
+            .map(|n| Key::new(Kind::ZoneIngress, None, n))
+            .filter(|k| !present.contains(k))
+            .collect();
+        for k in gone {
+            self.zone_ingress_changed(&k, None);
+        }
+        for r in all {
+            self.apply(&r.key(), r.meta.version, Some(r));
+        }
+    }
+
+    /// A Dataplane changed in the store (`None`: deleted). Its declarations count for the
+    /// managed MeshServices and VIPs; for a dataplane with a session here, a deleted one has
+    /// its session closed and a changed one is re-read.
     pub fn dataplane_changed(&mut self, key: &DpKey, version: u64, resource: Option<&Resource>) {
+        self.declared_changed(key, resource);
         let Some(s) = self.sessions.get(key) else {
             return;
         };
@@ -451,11 +715,15 @@ impl Index {
         {
             let s = self.sessions.get_mut(key).expect("checked");
             for svc in old_wanted.difference(&wanted) {
-                s.pending.removed.insert(svc.clone());
-                s.pending.services.remove(svc);
+                let k = (key.0.clone(), svc.clone());
+                s.pending.services.remove(&k);
+                // A virtual-outbound proxy keeps every service of the mesh.
+                if !s.role.is_virtual() {
+                    s.pending.removed.insert(svc.clone());
+                }
             }
             for svc in wanted.difference(&old_wanted) {
-                s.pending.services.insert(svc.clone());
+                s.pending.services.insert((key.0.clone(), svc.clone()));
                 s.pending.removed.remove(svc);
             }
             s.wanted = wanted;
@@ -466,14 +734,187 @@ impl Index {
         self.set_contributions(key, contributes);
     }
 
+    /// What a local Dataplane declares (every inbound, ready or not).
+    fn declared_changed(&mut self, key: &DpKey, resource: Option<&Resource>) {
+        let new = resource
+            .and_then(spec_of)
+            .map(|s| declarations(&s))
+            .unwrap_or_default();
+        let old = self.dp_declares.remove(key).unwrap_or_default();
+        let mut changed = BTreeSet::new();
+        for svc in old {
+            if new.contains_key(&svc) {
+                continue;
+            }
+            let k = (key.0.clone(), svc.clone());
+            if let Some(d) = self.declared.get_mut(&k) {
+                d.remove(&key.1);
+                if d.is_empty() {
+                    self.declared.remove(&k);
+                }
+            }
+            changed.insert(svc);
+        }
+        if !new.is_empty() {
+            self.dp_declares
+                .insert(key.clone(), new.keys().cloned().collect());
+        }
+        for (svc, ports) in new {
+            let d = self
+                .declared
+                .entry((key.0.clone(), svc.clone()))
+                .or_default();
+            if d.get(&key.1) != Some(&ports) {
+                d.insert(key.1.clone(), ports);
+                changed.insert(svc);
+            }
+        }
+        for svc in changed {
+            self.touched(&(key.0.clone(), svc), true);
+        }
+    }
+
+    /// A MeshService changed: another zone's goes into the cross-zone state (and wakes the
+    /// service's sessions); every one goes into its mesh's policy context.
+    pub fn mesh_service_changed(&mut self, key: &Key, resource: Option<&Resource>) {
+        let old = self.remote_keys.remove(key).and_then(|(k, zone)| {
+            let zones = self.remote.get_mut(&k)?;
+            let r = zones.remove(&zone);
+            if zones.is_empty() {
+                self.remote.remove(&k);
+            }
+            r.map(|r| (k, zone, r))
+        });
+        let mut new = None;
+        if let Some(r) = resource
+            && let Some(zone) = r.labels.get(ZONE_LABEL).filter(|z| **z != self.zone)
+        {
+            match serde_json::from_value::<MeshServiceSpec>(r.spec.clone()) {
+                Ok(spec) => {
+                    let service = spec
+                        .selector
+                        .dataplane_tags
+                        .get(SERVICE_TAG)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            r.name
+                                .strip_suffix(&format!(".{zone}"))
+                                .unwrap_or(&r.name)
+                                .to_string()
+                        });
+                    let remote = Remote {
+                        instances: spec.status.map_or(0, |s| s.instances),
+                        ports: spec
+                            .ports
+                            .iter()
+                            .map(|p| {
+                                (
+                                    u32::from(p.port.0),
+                                    p.app_protocol.as_ref().map(|a| protocol_name(Some(a))),
+                                )
+                            })
+                            .collect(),
+                    };
+                    let k = (key.mesh_str().to_string(), service);
+                    self.remote
+                        .entry(k.clone())
+                        .or_default()
+                        .insert(zone.clone(), remote.clone());
+                    self.remote_keys
+                        .insert(key.clone(), (k.clone(), zone.clone()));
+                    new = Some((k, zone.clone(), remote));
+                }
+                Err(e) => tracing::warn!(
+                    mesh = key.mesh_str(),
+                    name = %key.name,
+                    error = %e,
+                    "another zone's MeshService does not parse: ignored for cross-zone endpoints"
+                ),
+            }
+        }
+        if old != new {
+            let touched: BTreeSet<SvcKey> = old.into_iter().chain(new).map(|(k, _, _)| k).collect();
+            for k in touched {
+                self.touched(&k, false);
+            }
+        }
+        self.mesh_resource_changed(key, resource);
+    }
+
+    /// A ZoneIngress changed: another zone's is where this zone's proxies reach that zone's
+    /// services; the sessions of the services that zone offers are woken.
+    pub fn zone_ingress_changed(&mut self, key: &Key, resource: Option<&Resource>) {
+        let name = key.name.clone();
+        let old_zone = self.remote_ingress_zone.remove(&name);
+        let old = old_zone.as_ref().and_then(|z| {
+            let list = self.remote_ingresses.get_mut(z)?;
+            let a = list.remove(&name);
+            if list.is_empty() {
+                self.remote_ingresses.remove(z);
+            }
+            a.map(|a| (z.clone(), a))
+        });
+        let mut new = None;
+        if let Some(r) = resource
+            && let Some(zone) = r.labels.get(ZONE_LABEL).filter(|z| **z != self.zone)
+        {
+            match serde_json::from_value::<ZoneIngressSpec>(r.spec.clone()) {
+                Ok(spec) => {
+                    let n = &spec.networking;
+                    let address = n
+                        .advertised_address
+                        .as_ref()
+                        .unwrap_or(&n.address)
+                        .0
+                        .clone();
+                    let port = u32::from(n.advertised_port.unwrap_or(n.port).0);
+                    self.remote_ingresses
+                        .entry(zone.clone())
+                        .or_default()
+                        .insert(name.clone(), (address.clone(), port));
+                    self.remote_ingress_zone.insert(name.clone(), zone.clone());
+                    new = Some((zone.clone(), (address, port)));
+                }
+                Err(e) => tracing::warn!(
+                    name = %name,
+                    error = %e,
+                    "another zone's ZoneIngress does not parse: ignored"
+                ),
+            }
+        }
+        if old == new {
+            return;
+        }
+        let zones: BTreeSet<String> = old.into_iter().chain(new).map(|(z, _)| z).collect();
+        let concerned: Vec<SvcKey> = self
+            .remote
+            .iter()
+            .filter(|(_, by_zone)| {
+                by_zone
+                    .iter()
+                    .any(|(z, r)| zones.contains(z) && r.instances > 0)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in concerned {
+            self.touched(&k, false);
+        }
+    }
+
     /// A resource of the policy context of `mesh` changed (`None`: deleted): every session
-    /// of the mesh re-resolves its view.
+    /// of the mesh re-resolves its view. A MeshService whose status alone changed does not
+    /// count (the policies do not read it).
     pub fn mesh_resource_changed(&mut self, key: &Key, resource: Option<&Resource>) {
         let mesh = match key.kind {
             Kind::Mesh => key.name.clone(),
-            _ => key.mesh.clone().unwrap_or_default(),
+            _ => key.mesh_str().to_string(),
         };
         let m = self.meshes.entry(mesh.clone()).or_default();
+        let same_policy_input = key.kind == Kind::MeshService
+            && match (m.resources.get(key), resource) {
+                (Some(old), Some(new)) => without_status(old) == without_status(new),
+                _ => false,
+            };
         match resource {
             Some(r) => {
                 m.resources.insert(key.clone(), r.clone());
@@ -486,21 +927,232 @@ impl Index {
             m.spec = resource.and_then(|r| serde_json::from_value(r.spec.clone()).ok());
         }
         m.snapshot = None;
-        self.invalidate_views(Some(&mesh));
+        if !same_policy_input {
+            self.invalidate_views(Some(&mesh));
+        }
     }
 
     /// Forget every mesh's policy context (before a full re-list).
     pub fn reset_meshes(&mut self) {
-        self.meshes.clear();
+        for m in self.meshes.values_mut() {
+            m.resources.clear();
+            m.snapshot = None;
+            m.spec = None;
+        }
         self.invalidate_views(None);
     }
 
     fn invalidate_views(&mut self, mesh: Option<&str>) {
         for (k, s) in self.sessions.iter_mut() {
-            if mesh.is_none_or(|m| m == k.0) {
+            if s.role != Role::Ingress && mesh.is_none_or(|m| m == k.0) {
                 s.pending.view = true;
                 s.wake();
             }
+        }
+    }
+
+    /// The service in each zone that has it: this zone when a local Dataplane declares it or
+    /// serves it, other zones when their MeshService is here.
+    fn zones_of(&self, k: &SvcKey) -> BTreeMap<String, ZoneInfo> {
+        let mut out = BTreeMap::new();
+        let declared = self.declared.get(k);
+        let online = self.services.get(k).filter(|e| !e.by_dp.is_empty());
+        if declared.is_some() || online.is_some() {
+            let mut info = ZoneInfo {
+                instances: online.map_or(0, |e| e.by_dp.len() as u32),
+                ports: BTreeMap::new(),
+            };
+            let mut per_port: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+            for ports in declared.into_iter().flat_map(|d| d.values()) {
+                for (p, proto) in ports {
+                    per_port.entry(*p).or_default().insert(proto.clone());
+                }
+            }
+            for c in online.into_iter().flat_map(|e| e.by_dp.values()) {
+                for e in &c.endpoints {
+                    per_port
+                        .entry(e.port)
+                        .or_default()
+                        .extend(c.protocols.iter().cloned());
+                }
+            }
+            info.ports = per_port
+                .iter()
+                .map(|(p, protos)| (*p, agreed(protos).unwrap_or_else(|| "tcp".into())))
+                .collect();
+            out.insert(self.zone.clone(), info);
+        }
+        for (zone, r) in self.remote.get(k).into_iter().flatten() {
+            out.insert(
+                zone.clone(),
+                ZoneInfo {
+                    instances: r.instances,
+                    ports: r
+                        .ports
+                        .iter()
+                        .map(|(p, a)| (*p, a.clone().unwrap_or_else(|| "tcp".into())))
+                        .collect(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Recompute the VIPs of service `k`; wake the mesh's virtual-outbound sessions when its
+    /// part of the table changed.
+    fn refresh_vips(&mut self, k: &SvcKey) {
+        let (mesh, svc) = k;
+        let zones = self.zones_of(k);
+        let mut vips = Vec::new();
+        if !zones.is_empty() {
+            let all: BTreeSet<u32> = zones
+                .values()
+                .flat_map(|z| z.ports.keys().copied())
+                .collect();
+            let mut names = vec![(DnsName::new(svc, None), String::new(), all)];
+            for (z, info) in &zones {
+                names.push((
+                    DnsName::new(svc, Some(z)),
+                    z.clone(),
+                    info.ports.keys().copied().collect(),
+                ));
+            }
+            for (name, zone, ports) in names {
+                let name = name.to_string();
+                match self.vips.allocate(mesh, &name) {
+                    Ok(address) => vips.push(pb::Vip {
+                        name,
+                        address: address.to_string(),
+                        service: svc.clone(),
+                        zone,
+                        ports: ports.into_iter().collect(),
+                    }),
+                    Err(e) => {
+                        tracing::error!(mesh = %mesh, name = %name, error = %e, "no VIP for a mesh DNS name")
+                    }
+                }
+            }
+        }
+        let m = self.meshes.entry(mesh.clone()).or_default();
+        if m.vips.get(svc).map_or(&[][..], Vec::as_slice) == vips.as_slice() {
+            return;
+        }
+        if vips.is_empty() {
+            m.vips.remove(svc);
+        } else {
+            m.vips.insert(svc.clone(), vips);
+        }
+        let wake: Vec<String> = m.virtual_sessions.iter().cloned().collect();
+        for name in wake {
+            if let Some(s) = self.sessions.get_mut(&(mesh.clone(), name)) {
+                s.pending.vips = true;
+                s.wake();
+            }
+        }
+        self.writer.notify_one();
+    }
+
+    /// The mesh's VIP table, services in name order.
+    pub fn vip_table(&self, mesh: &str) -> Vec<pb::Vip> {
+        self.meshes
+            .get(mesh)
+            .map(|m| m.vips.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether service `k` exists anywhere (locally declared or served, or another zone's).
+    fn known(&self, k: &SvcKey) -> bool {
+        self.declared.contains_key(k)
+            || self.services.get(k).is_some_and(|e| !e.by_dp.is_empty())
+            || self.remote.contains_key(k)
+    }
+
+    /// Every service of the mesh, local or remote.
+    fn mesh_services(&self, mesh: &str) -> BTreeSet<String> {
+        let local = self.local_services();
+        let remote = self.remote.keys();
+        local
+            .iter()
+            .chain(remote)
+            .filter(|k| k.0 == mesh)
+            .map(|k| k.1.clone())
+            .collect()
+    }
+
+    /// Every local service of every mesh (declared by a Dataplane in the store, or served).
+    fn local_services(&self) -> BTreeSet<SvcKey> {
+        self.declared
+            .keys()
+            .cloned()
+            .chain(
+                self.services
+                    .iter()
+                    .filter(|(_, e)| !e.by_dp.is_empty())
+                    .map(|(k, _)| k.clone()),
+            )
+            .collect()
+    }
+
+    /// The endpoint set of service `k` as `role` gets it.
+    fn endpoints(&self, k: &SvcKey, role: Role) -> pb::ServiceEndpoints {
+        let (protocols, mut endpoints) = self
+            .services
+            .get(k)
+            .map(ServiceEntry::local)
+            .unwrap_or_default();
+        let declared = || {
+            let all: BTreeSet<&String> = self
+                .declared
+                .get(k)
+                .into_iter()
+                .flat_map(|d| d.values().flat_map(|p| p.values()))
+                .collect();
+            agreed(all)
+        };
+        let remote = self.remote.get(k);
+        let remote_protocol = || {
+            remote
+                .into_iter()
+                .flat_map(|z| z.values())
+                .flat_map(|r| r.ports.values())
+                .find_map(Clone::clone)
+        };
+        let protocol = agreed(&protocols)
+            .or_else(declared)
+            .or_else(remote_protocol)
+            .unwrap_or_else(|| "tcp".to_string());
+        if role != Role::Ingress {
+            for (zone, r) in remote.into_iter().flatten() {
+                if r.instances == 0 {
+                    continue;
+                }
+                for (name, (address, port)) in self.remote_ingresses.get(zone).into_iter().flatten()
+                {
+                    endpoints.push(pb::Endpoint {
+                        address: address.clone(),
+                        port: *port,
+                        dataplane: name.clone(),
+                        zone: zone.clone(),
+                        tags: [
+                            (SERVICE_TAG.to_string(), k.1.clone()),
+                            (ZONE_LABEL.to_string(), zone.clone()),
+                        ]
+                        .into_iter()
+                        .collect(),
+                        weight: r.instances,
+                    });
+                }
+            }
+        }
+        pb::ServiceEndpoints {
+            service: k.1.clone(),
+            mesh: if role == Role::Ingress {
+                k.0.clone()
+            } else {
+                String::new()
+            },
+            protocol,
+            endpoints,
         }
     }
 
@@ -511,12 +1163,9 @@ impl Index {
         if s.pending.is_empty() {
             return None;
         }
-        let pending = std::mem::take(&mut s.pending);
-        let names: Vec<String> = if pending.full {
-            s.wanted.iter().cloned().collect()
-        } else {
-            pending.services.iter().cloned().collect()
-        };
+        let mut pending = std::mem::take(&mut s.pending);
+        let role = s.role;
+        let wanted = s.wanted.clone();
         let resource = s.resource.clone();
         let sent_view = s.sent.view_json.clone();
         let sent_services = if pending.full {
@@ -524,20 +1173,33 @@ impl Index {
         } else {
             s.sent.services.clone()
         };
-        let services = names
-            .iter()
-            .map(
-                |svc| match self.services.get(&(key.0.clone(), svc.clone())) {
-                    Some(e) => e.build(svc),
-                    None => pb::ServiceEndpoints {
-                        service: svc.clone(),
-                        protocol: "tcp".to_string(),
-                        endpoints: Vec::new(),
-                    },
-                },
-            )
-            .collect();
-        let mesh_resources = if pending.view || pending.full {
+        let mesh = &key.0;
+        let names: Vec<SvcKey> = if pending.full {
+            match role {
+                Role::Ingress => self.local_services().into_iter().collect(),
+                Role::Proxy { virtual_outbounds } => {
+                    let mut n: BTreeSet<String> = wanted.clone();
+                    if virtual_outbounds {
+                        n.extend(self.mesh_services(mesh));
+                    }
+                    n.into_iter().map(|s| (mesh.clone(), s)).collect()
+                }
+            }
+        } else {
+            let mut out = Vec::new();
+            for k in std::mem::take(&mut pending.services) {
+                // A service gone from the mesh that the proxy does not declare.
+                if role.is_virtual() && !wanted.contains(&k.1) && !self.known(&k) {
+                    pending.removed.insert(k.1.clone());
+                } else {
+                    out.push(k);
+                }
+            }
+            pending.services = out.iter().cloned().collect();
+            out
+        };
+        let services = names.iter().map(|k| self.endpoints(k, role)).collect();
+        let mesh_resources = if role != Role::Ingress && (pending.view || pending.full) {
             let m = self.meshes.entry(key.0.clone()).or_default();
             Some(
                 m.snapshot
@@ -547,13 +1209,17 @@ impl Index {
         } else {
             None
         };
+        let vips =
+            (role.is_virtual() && (pending.full || pending.vips)).then(|| self.vip_table(&key.0));
         Some(Plan {
             pending,
             resource,
+            role,
             mesh_resources,
             services,
             sent_view,
             sent_services,
+            vips,
         })
     }
 
@@ -562,6 +1228,7 @@ impl Index {
         if let Some(s) = self.sessions.get_mut(key).filter(|s| s.id == id) {
             s.pending.full |= pending.full;
             s.pending.view |= pending.view;
+            s.pending.vips |= pending.vips;
             s.pending.services.extend(pending.services);
             s.pending.removed.extend(pending.removed);
         }
@@ -579,10 +1246,10 @@ impl Index {
             s.sent.view_json = Some(v.clone());
         }
         for svc in &update.services {
-            s.sent.services.insert(svc.service.clone(), svc.clone());
+            s.sent.services.insert(sent_key(&key.0, svc), svc.clone());
         }
         for svc in &update.removed_services {
-            s.sent.services.remove(svc);
+            s.sent.services.remove(&(key.0.clone(), svc.clone()));
         }
         s.insight.last_sent_nonce = update.nonce;
     }
@@ -615,6 +1282,74 @@ impl Index {
             s.close.close(reason.to_string());
         }
     }
+
+    /// The spec of the MeshService the zone maintains for local service `k`, `None` when no
+    /// local Dataplane declares it any more.
+    fn desired_service(&self, k: &SvcKey) -> Option<Value> {
+        let info = self.zones_of(k).remove(&self.zone)?;
+        if info.ports.is_empty() {
+            return None;
+        }
+        let ports: Vec<Value> = info
+            .ports
+            .iter()
+            .map(|(p, proto)| json!({"port": p, "appProtocol": proto}))
+            .collect();
+        Some(json!({
+            "selector": {"dataplaneTags": {SERVICE_TAG: k.1}},
+            "ports": ports,
+            "status": {"instances": info.instances},
+        }))
+    }
+
+    /// What the writer has to do now: the managed MeshServices of the services that changed,
+    /// and `vips.json` when the table changed (after releasing names unused for longer than
+    /// the retention, as of `now`, unix seconds).
+    pub fn take_writes(&mut self, now: u64) -> Writes {
+        let services = std::mem::take(&mut self.dirty_services)
+            .into_iter()
+            .map(|k| {
+                let d = self.desired_service(&k);
+                (k, d)
+            })
+            .collect();
+        let in_use: BTreeSet<vip::Name> = self
+            .meshes
+            .iter()
+            .flat_map(|(m, st)| {
+                st.vips
+                    .values()
+                    .flatten()
+                    .map(move |v| (m.clone(), v.name.clone()))
+            })
+            .collect();
+        let released = self.vips.sweep(&in_use, now);
+        if !released.is_empty() {
+            tracing::info!(?released, "VIPs released after the retention");
+        }
+        let vips_json = self.vips.take_dirty().then(|| self.vips.to_json());
+        Writes {
+            services,
+            vips_json,
+        }
+    }
+
+    /// A write of [`Index::take_writes`] failed: do it again on the next round.
+    pub fn write_failed(&mut self, service: Option<SvcKey>, vips: bool) {
+        if let Some(k) = service {
+            self.dirty_services.insert(k);
+        }
+        if vips {
+            self.vips.mark_dirty();
+        }
+    }
+
+    /// This zone's VIP of `<service>.mesh` in `mesh`.
+    pub fn vip_of(&self, mesh: &str, service: &str) -> Option<String> {
+        self.vips
+            .get(mesh, &DnsName::new(service, None).to_string())
+            .map(|a| a.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -640,6 +1375,10 @@ mod tests {
         r
     }
 
+    const PROXY: Role = Role::Proxy {
+        virtual_outbounds: false,
+    };
+
     fn key(name: &str) -> DpKey {
         ("default".to_string(), name.to_string())
     }
@@ -649,6 +1388,7 @@ mod tests {
         let mut ix = Index::new("east");
         let web = ix.register(
             mk_dataplane("web-1", "web", &["api", "db"], 8080),
+            PROXY,
             "web",
             "",
         );
@@ -659,14 +1399,19 @@ mod tests {
         assert!(ix.take(&key("web-1"), web.id).is_none());
 
         // api registers: web gets api only; an unrelated service wakes nobody.
-        let api = ix.register(mk_dataplane("api-1", "api", &[], 9090), "api", "");
+        let api = ix.register(mk_dataplane("api-1", "api", &[], 9090), PROXY, "api", "");
         let plan = ix.take(&key("web-1"), web.id).unwrap();
         assert!(!plan.pending.full && !plan.pending.view);
         assert_eq!(plan.services.len(), 1);
         assert_eq!(plan.services[0].service, "api");
         assert_eq!(plan.services[0].endpoints[0].port, 9090);
         assert_eq!(plan.services[0].endpoints[0].zone, "east");
-        ix.register(mk_dataplane("other-1", "other", &[], 7070), "other", "");
+        ix.register(
+            mk_dataplane("other-1", "other", &[], 7070),
+            PROXY,
+            "other",
+            "",
+        );
         assert!(ix.take(&key("web-1"), web.id).is_none());
 
         // api goes away: its endpoints are withdrawn.
@@ -681,8 +1426,8 @@ mod tests {
     #[test]
     fn a_second_session_closes_the_first_and_not_ready_inbounds_are_left_out() {
         let mut ix = Index::new("east");
-        let a = ix.register(mk_dataplane("web-1", "web", &[], 8080), "web", "");
-        let b = ix.register(mk_dataplane("web-1", "web", &[], 8080), "web", "");
+        let a = ix.register(mk_dataplane("web-1", "web", &[], 8080), PROXY, "web", "");
+        let b = ix.register(mk_dataplane("web-1", "web", &[], 8080), PROXY, "web", "");
         assert!(a.close.token.is_cancelled());
         assert!(
             a.close.reason().contains("replaced"),
@@ -705,7 +1450,12 @@ mod tests {
     #[test]
     fn a_dataplane_change_moves_subscriptions() {
         let mut ix = Index::new("east");
-        let web = ix.register(mk_dataplane("web-1", "web", &["api"], 8080), "web", "");
+        let web = ix.register(
+            mk_dataplane("web-1", "web", &["api"], 8080),
+            PROXY,
+            "web",
+            "",
+        );
         ix.take(&key("web-1"), web.id).unwrap();
         let mut r = mk_dataplane("web-1", "web", &["db"], 8080);
         r.meta.version = 2;

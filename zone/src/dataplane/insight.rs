@@ -1,7 +1,8 @@
 //! What the zone shows about its proxies: `GET /_inspect/dataplanes[?mesh=]` (every Dataplane
 //! in the store, online or offline, with its session's status), `GET
 //! /_inspect/dataplanes/{mesh}/{name}/config` (what the zone last sent that proxy), and the
-//! `weft_dataplane_*` metrics.
+//! `weft_dataplane_*` metrics, and [`fill_vips`]: the zone's VIPs in the answer of
+//! `GET /_inspect/services` (served by weft-global's API on both planes, with `vip: null`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -240,4 +241,60 @@ pub fn routes(hub: Arc<Hub>) -> axum::Router<weft_global::api::State> {
                 }
             }),
         )
+}
+
+/// A layer over the zone's API: in the answer of `GET /_inspect/services` (weft-global's
+/// handler, the same on both planes: every service of every mesh from the MeshServices this
+/// zone holds, its own and the other zones'), set each item's `vip` to this zone's VIP of
+/// `<service>.mesh`. Authentication and errors stay the handler's.
+pub async fn fill_vips(
+    hub: Arc<Hub>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let wanted =
+        req.method() == axum::http::Method::GET && req.uri().path() == "/_inspect/services";
+    let resp = next.run(req).await;
+    if !wanted || resp.status() != StatusCode::OK {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the /_inspect/services answer");
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "reading the service list failed",
+            )
+            .into_response();
+        }
+    };
+    let mut v: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => return axum::response::Response::from_parts(parts, bytes.into()),
+    };
+    {
+        let ix = hub.index();
+        for item in v
+            .get_mut("items")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(mesh), Some(service)) = (
+                item.get("mesh").and_then(Value::as_str),
+                item.get("service").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            let vip = ix.vip_of(mesh, service);
+            item["vip"] = json!(vip);
+        }
+    }
+    let mut resp = axum::Json(v).into_response();
+    *resp.status_mut() = parts.status;
+    resp
 }

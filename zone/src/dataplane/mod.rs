@@ -14,6 +14,7 @@ pub mod insight;
 pub mod tls;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,13 +26,14 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
-use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG};
+use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG, ZoneIngressSpec};
 use weft_core::store::{self, ListQuery, Store};
+use weft_core::token::Scope;
 use weft_core::{Key, Kind, Resource};
 use weft_global::api::Plane;
 use weft_proto::dataplane::v1 as pb;
 
-use index::{DpKey, Index};
+use index::{DpKey, Index, Role};
 
 /// Largest message accepted from or sent to a proxy.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -44,6 +46,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Store changes arriving within this window go out in one update.
 pub const COALESCE: Duration = Duration::from_millis(5);
 const FEED_BATCH: usize = 1000;
+/// Changes reaching the writer within this window go out in one round of store writes.
+pub const WRITE_COALESCE: Duration = Duration::from_millis(50);
+/// The writer also wakes this often, to release VIPs past their retention.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 type ZoneStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ZoneMessage, Status>> + Send>>;
 
@@ -67,6 +73,10 @@ pub struct Hub {
     cfg: crate::config::Dataplane,
     /// When this zone started: the warm-up counts from here.
     started: tokio::time::Instant,
+    /// Where `vips.json` is kept.
+    data_dir: PathBuf,
+    /// Wakes the writer task (managed MeshServices, `vips.json`).
+    writer: Arc<tokio::sync::Notify>,
     index: Mutex<Index>,
     pub counters: Counters,
 }
@@ -78,7 +88,10 @@ impl Hub {
         identity: Arc<crate::identity::Identity>,
         trust: Arc<crate::trust::Trust>,
         cfg: crate::config::Dataplane,
+        data_dir: PathBuf,
+        vips: crate::vip::Allocator,
     ) -> Arc<Hub> {
+        let index = Index::with_vips(zone, vips);
         Arc::new(Hub {
             zone: zone.to_string(),
             store,
@@ -86,7 +99,9 @@ impl Hub {
             trust,
             cfg,
             started: tokio::time::Instant::now(),
-            index: Mutex::new(Index::new(zone)),
+            data_dir,
+            writer: index.writer(),
+            index: Mutex::new(index),
             counters: Counters::default(),
         })
     }
@@ -114,6 +129,11 @@ impl Hub {
                 .follow(shutdown.clone())
                 .instrument(tracing::info_span!("dataplane-feed")),
         );
+        let writer = tokio::spawn(
+            self.clone()
+                .write_loop(shutdown.clone())
+                .instrument(tracing::info_span!("zone-writer")),
+        );
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
         tracing::info!(%addr, ca_file = ?tls.ca_file, "data-plane API listening (proxies trust the CA file with --zone-ca-file)");
         let closing = shutdown.clone();
@@ -137,6 +157,7 @@ impl Hub {
             })
             .await;
         follower.abort();
+        writer.abort();
         result?;
         Ok(())
     }
@@ -201,25 +222,99 @@ impl Hub {
     async fn relist(&self) -> store::Result<u64> {
         let rev = self.store.revision().await?;
         let mut all = Vec::new();
-        for kind in Kind::ALL
-            .iter()
-            .copied()
-            .filter(|k| index::in_mesh_context(*k))
-        {
+        for kind in Kind::ALL.iter().copied().filter(|k| index::followed(*k)) {
             all.extend(store::list_all(&*self.store, ListQuery::all(kind)).await?);
         }
-        let mut ix = self.index();
-        ix.reset_meshes();
-        for r in &all {
-            ix.mesh_resource_changed(&r.key(), Some(r));
-        }
+        self.index().resync(&all);
         Ok(rev)
     }
 
-    /// Check a Hello and register the Dataplane: parse and validate it, check the mesh and
-    /// the token, then upsert it into the store (stamped as this zone's).
+    /// Check a Hello: a Dataplane (a proxy) or a ZoneIngress (an ingress).
     async fn admit(&self, hello: &pb::Hello) -> Result<Admitted, Status> {
-        let resource = parse_dataplane(&hello.dataplane)?;
+        let resource = parse_hello_resource(&hello.dataplane)?;
+        match resource.kind {
+            Kind::ZoneIngress => self.admit_ingress(hello, resource).await,
+            _ => self.admit_dataplane(hello, resource).await,
+        }
+    }
+
+    /// Check an ingress's Hello and register its ZoneIngress: validate it, check the zone
+    /// token (scope ingress, this zone), then upsert it into the store as this zone's
+    /// (`spec.zone` set), from where KDS carries it to global and the other zones.
+    async fn admit_ingress(
+        &self,
+        hello: &pb::Hello,
+        resource: Resource,
+    ) -> Result<Admitted, Status> {
+        let name = resource.name.clone();
+        let token = hello.token.trim();
+        if token.is_empty() {
+            return Err(Status::unauthenticated(format!(
+                "zone ingress {name:?}: missing zone token (Hello.token; make one with `weftctl generate zone-token --zone {} --scope ingress`)",
+                self.zone
+            )));
+        }
+        self.trust
+            .verify_zone_token(token, Scope::Ingress, &self.zone)
+            .map_err(|e| match e {
+                crate::trust::Error::NotYet => Status::unavailable(format!(
+                    "zone {}: zone ingress token: cannot be checked yet (the zone has not obtained the token keys from global); retry once the zone is connected to global",
+                    self.zone
+                )),
+                e => Status::unauthenticated(format!("zone ingress {name:?}: {e}")),
+            })?;
+        let mut spec: ZoneIngressSpec = serde_json::from_value(resource.spec.clone())
+            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: spec: {e}")))?;
+        if let Some(z) = &spec.zone
+            && z.0 != self.zone
+        {
+            return Err(Status::invalid_argument(format!(
+                "Hello.dataplane: spec.zone: {:?} is not this zone {:?} (leave it out: the zone sets it)",
+                z.0, self.zone
+            )));
+        }
+        spec.zone = Some(weft_core::validate::Name(self.zone.clone()));
+        let plane = Plane::Zone {
+            name: self.zone.clone(),
+        };
+        if let Some(stored) = self
+            .store
+            .get(&resource.key())
+            .await
+            .map_err(store_status)?
+            && let Some(origin) = plane.foreign_origin(&stored)
+        {
+            return Err(Status::permission_denied(format!(
+                "zone ingress {name:?} belongs to {origin}, not zone {} (give this ingress another name)",
+                self.zone
+            )));
+        }
+        let spec = serde_json::to_value(&spec)
+            .map_err(|e| Status::internal(format!("serializing the ZoneIngress: {e}")))?;
+        let resource = Resource::new(Kind::ZoneIngress, None, &name, resource.labels, spec)
+            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: {e}")))?;
+        let outcome = self
+            .store
+            .apply(vec![plane.stamp(resource)], false)
+            .await
+            .map_err(store_status)?
+            .pop()
+            .ok_or_else(|| Status::internal("the store applied nothing"))?;
+        Ok(Admitted {
+            resource: outcome.resource().clone(),
+            service: String::new(),
+            mtls: false,
+            role: Role::Ingress,
+        })
+    }
+
+    /// Check a proxy's Hello and register the Dataplane: parse and validate it, check the
+    /// mesh and the token, then upsert it into the store (stamped as this zone's).
+    async fn admit_dataplane(
+        &self,
+        hello: &pb::Hello,
+        resource: Resource,
+    ) -> Result<Admitted, Status> {
         let mesh = resource.mesh.clone().unwrap_or_default();
         let name = resource.name.clone();
         let spec: DataplaneSpec = serde_json::from_value(resource.spec.clone())
@@ -303,6 +398,9 @@ impl Hub {
                 .mtls
                 .as_ref()
                 .is_some_and(|m| m.enabled_backend.is_some()),
+            role: Role::Proxy {
+                virtual_outbounds: hello.virtual_outbounds,
+            },
         })
     }
 
@@ -361,15 +459,132 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The session of zone ingress `name` ended: delete its ZoneIngress (as this session
+    /// stored it) so that other zones stop routing here. When a new session of the same
+    /// ingress registered meanwhile, its resource is put back.
+    async fn ingress_gone(&self, name: &str, version: u64) {
+        let key = Key::new(Kind::ZoneIngress, None, name);
+        match self.store.delete(&key, Some(version)).await {
+            Ok(()) | Err(store::Error::NotFound(_)) => {}
+            // Changed since: a newer session stored it again.
+            Err(store::Error::Conflict { .. }) => return,
+            Err(e) => {
+                tracing::warn!(ingress = %name, error = %e, "deleting the ZoneIngress of an ingress that went away");
+                return;
+            }
+        }
+        let again = self.index().resource_of(&(String::new(), name.to_string()));
+        if let Some(r) = again
+            && let Err(e) = self.store.apply(vec![r], false).await
+        {
+            tracing::warn!(ingress = %name, error = %e, "re-storing the ZoneIngress of a reconnected ingress");
+        }
+    }
+
+    /// The writer task: on the index's signal (coalesced over [`WRITE_COALESCE`]) and every
+    /// [`SWEEP_EVERY`], write the managed MeshServices that changed and `vips.json`. A
+    /// failed write is retried on the next round (at most a second later).
+    pub async fn write_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut retry = false;
+        loop {
+            let wait = if retry {
+                Duration::from_secs(1)
+            } else {
+                SWEEP_EVERY
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.writer.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            tokio::time::sleep(WRITE_COALESCE).await;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let writes = self.index().take_writes(now);
+            retry = false;
+            for (k, desired) in writes.services {
+                if let Err(e) = self.write_service(&k, desired).await {
+                    tracing::warn!(mesh = %k.0, service = %k.1, error = %e, "writing the zone's MeshService; retrying");
+                    self.index().write_failed(Some(k), false);
+                    retry = true;
+                }
+            }
+            if let Some(json) = writes.vips_json {
+                let path = self.data_dir.join(crate::vip::FILE);
+                let written = tokio::task::spawn_blocking(move || {
+                    crate::dataplane::tls::write_atomic(&path, &json, 0o644)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+                if let Err(e) = written {
+                    tracing::error!(error = %format!("{e:#}"), "writing vips.json; retrying (VIPs stay as they are meanwhile)");
+                    self.index().write_failed(None, true);
+                    retry = true;
+                }
+            }
+        }
+    }
+
+    /// Bring the managed MeshService of `k` to `desired` (`None`: delete it). A MeshService
+    /// without `weft.io/managed-by: weft-zone` is the user's and is left alone.
+    async fn write_service(
+        &self,
+        k: &index::SvcKey,
+        desired: Option<serde_json::Value>,
+    ) -> store::Result<()> {
+        let key = Key::new(Kind::MeshService, Some(&k.0), &k.1);
+        let stored = self.store.get(&key).await?;
+        if let Some(s) = &stored
+            && s.labels
+                .get(weft_core::MANAGED_BY_LABEL)
+                .map(String::as_str)
+                != Some(index::MANAGED_BY)
+        {
+            tracing::debug!(mesh = %k.0, service = %k.1, "a user-written MeshService exists: the zone generates none");
+            return Ok(());
+        }
+        match (stored, desired) {
+            (None, None) => Ok(()),
+            (Some(s), None) => {
+                tracing::info!(mesh = %k.0, service = %k.1, "no Dataplane declares the service any more: deleting its MeshService");
+                match self.store.delete(&key, Some(s.meta.version)).await {
+                    Err(store::Error::NotFound(_)) => Ok(()),
+                    r => r,
+                }
+            }
+            (stored, Some(spec)) => {
+                let labels = [
+                    (weft_core::ORIGIN_LABEL, "zone"),
+                    (weft_core::ZONE_LABEL, self.zone.as_str()),
+                    (weft_core::MANAGED_BY_LABEL, index::MANAGED_BY),
+                ]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+                let r = match Resource::new(Kind::MeshService, Some(&k.0), &k.1, labels, spec) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Not retried: the same input gives the same answer.
+                        tracing::warn!(mesh = %k.0, service = %k.1, error = %e, "the service's MeshService would be invalid: none generated");
+                        return Ok(());
+                    }
+                };
+                match stored {
+                    Some(s) if s.same_content(&r) => Ok(()),
+                    Some(s) => self.store.update(r, s.meta.version).await.map(drop),
+                    None => self.store.create(r).await.map(drop),
+                }
+            }
+        }
+    }
+}
+
 /// Apply one change-feed event to the index.
 fn apply_event(ix: &mut Index, ev: &store::Event) {
-    let resource = ev.resource.as_deref();
-    if ev.key.kind == Kind::Dataplane {
-        let key: DpKey = (ev.key.mesh_str().to_string(), ev.key.name.clone());
-        ix.dataplane_changed(&key, ev.version, resource);
-    } else if index::in_mesh_context(ev.key.kind) {
-        ix.mesh_resource_changed(&ev.key, resource);
-    }
+    ix.apply(&ev.key, ev.version, ev.resource.as_deref());
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -385,11 +600,12 @@ fn store_status(e: store::Error) -> Status {
     }
 }
 
-/// `Hello.dataplane`: one Dataplane resource, YAML or JSON, validated like the API does.
-pub fn parse_dataplane(text: &str) -> Result<Resource, Status> {
+/// `Hello.dataplane`: one Dataplane (proxies) or ZoneIngress (ingresses) resource, YAML or
+/// JSON, validated like the API does.
+pub fn parse_hello_resource(text: &str) -> Result<Resource, Status> {
     if text.trim().is_empty() {
         return Err(Status::invalid_argument(
-            "Hello.dataplane is empty: send the Dataplane resource (type, name, mesh, spec) as YAML or JSON",
+            "Hello.dataplane is empty: send the Dataplane resource (type, name, mesh, spec) as YAML or JSON (a zone ingress sends its ZoneIngress)",
         ));
     }
     let mut docs = weft_core::document::parse(text)
@@ -401,9 +617,9 @@ pub fn parse_dataplane(text: &str) -> Result<Resource, Status> {
         )));
     }
     let r = docs.pop().expect("one");
-    if r.kind != Kind::Dataplane {
+    if !matches!(r.kind, Kind::Dataplane | Kind::ZoneIngress) {
         return Err(Status::invalid_argument(format!(
-            "Hello.dataplane: type: expected Dataplane, got {}",
+            "Hello.dataplane: type: expected Dataplane (or ZoneIngress for a zone ingress), got {}",
             r.kind
         )));
     }
@@ -414,6 +630,7 @@ struct Admitted {
     resource: Resource,
     service: String,
     mtls: bool,
+    role: Role,
 }
 
 /// The tonic service: one [`session`] per stream.
@@ -464,16 +681,25 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
             }
         };
         let admitted = hub.admit(&hello).await.map_err(refused)?;
+        let role = admitted.role;
         let key: DpKey = (
             admitted.resource.mesh.clone().unwrap_or_default(),
             admitted.resource.name.clone(),
         );
         let hold = (hello.has_config && hub.started.elapsed() < hub.cfg.warmup)
             .then(|| hub.started + hub.cfg.warmup);
+        let version = admitted.resource.meta.version;
         let reg = hub
             .index()
-            .register(admitted.resource, &admitted.service, &hello.version);
-        tracing::info!(mesh = %key.0, dataplane = %key.1, service = %admitted.service, version = %hello.version, has_config = hello.has_config, held = hold.is_some(), ?peer, "proxy registered");
+            .register(admitted.resource, role, &admitted.service, &hello.version);
+        match role {
+            Role::Ingress => {
+                tracing::info!(ingress = %key.1, version = %hello.version, ?peer, "zone ingress registered")
+            }
+            Role::Proxy { virtual_outbounds } => {
+                tracing::info!(mesh = %key.0, dataplane = %key.1, service = %admitted.service, version = %hello.version, has_config = hello.has_config, virtual_outbounds, held = hold.is_some(), ?peer, "proxy registered")
+            }
+        }
         let (tx, rx) = mpsc::channel(16);
         let registered = pb::ZoneMessage {
             msg: Some(pb::zone_message::Msg::Registered(pb::Registered {
@@ -487,6 +713,8 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
         let session = Session {
             hub: hub.clone(),
             key: key.clone(),
+            role,
+            stored_version: version,
             service: admitted.service,
             id: reg.id,
             notify: reg.notify,
@@ -495,11 +723,11 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
             tx,
             nonce: 0,
         };
-        tokio::spawn(
-            session
-                .run(inbound, self.shutdown.clone())
-                .instrument(tracing::info_span!("dataplane", mesh = %key.0, name = %key.1)),
-        );
+        let span = match role {
+            Role::Ingress => tracing::info_span!("ingress", name = %key.1),
+            Role::Proxy { .. } => tracing::info_span!("dataplane", mesh = %key.0, name = %key.1),
+        };
+        tokio::spawn(session.run(inbound, self.shutdown.clone()).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -507,7 +735,11 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
 /// One proxy's stream after its Hello.
 struct Session {
     hub: Arc<Hub>,
+    /// (mesh, name) of a proxy; ("", name) of an ingress.
     key: DpKey,
+    role: Role,
+    /// The version of the Dataplane / ZoneIngress as this session stored it.
+    stored_version: u64,
     service: String,
     id: u64,
     notify: Arc<tokio::sync::Notify>,
@@ -554,10 +786,15 @@ impl Session {
             }
         };
         let removed = self.hub.index().unregister(&self.key, self.id);
-        if removed {
-            tracing::info!(reason = %ended, "proxy offline: its endpoints are withdrawn");
-        } else {
+        if !removed {
             tracing::info!(reason = %ended, "session ended");
+        } else if self.role == Role::Ingress {
+            tracing::info!(reason = %ended, "zone ingress offline: removing its ZoneIngress (other zones stop routing to it)");
+            self.hub
+                .ingress_gone(&self.key.1, self.stored_version)
+                .await;
+        } else {
+            tracing::info!(reason = %ended, "proxy offline: its endpoints are withdrawn");
         }
     }
 
@@ -596,6 +833,14 @@ impl Session {
                 hub.index().with_session(&self.key, self.id, |i, _| {
                     i.last_nack = Some((n.nonce, n.reason.clone()));
                 });
+            }
+            Msg::CertificateRequest(_) if self.role == Role::Ingress => {
+                self.send(pb::zone_message::Msg::CertificateError(
+                    pb::CertificateError {
+                        reason: "zone ingresses pass TLS through and get no certificate".into(),
+                    },
+                ))
+                .await?;
             }
             Msg::CertificateRequest(c) => {
                 let msg = hub
@@ -652,7 +897,7 @@ impl Session {
             },
             None => None,
         };
-        if full && view_json.is_none() {
+        if full && view_json.is_none() && plan.role != Role::Ingress {
             // Without a view the proxy would refuse a full update: keep it pending for the
             // next change (a resolve error means a resource the store should not hold).
             self.hub.index().restore(&self.key, self.id, plan.pending);
@@ -661,16 +906,26 @@ impl Session {
         let services: Vec<pb::ServiceEndpoints> = plan
             .services
             .into_iter()
-            .filter(|s| full || plan.sent_services.get(&s.service) != Some(s))
+            .filter(|s| full || plan.sent_services.get(&index::sent_key(&self.key.0, s)) != Some(s))
             .collect();
         let removed: Vec<String> = plan
             .pending
             .removed
             .iter()
-            .filter(|s| !full && plan.sent_services.contains_key(*s))
+            .filter(|s| {
+                !full
+                    && plan
+                        .sent_services
+                        .contains_key(&(self.key.0.clone(), (*s).clone()))
+            })
             .cloned()
             .collect();
-        if !full && view_json.is_none() && services.is_empty() && removed.is_empty() {
+        if !full
+            && view_json.is_none()
+            && services.is_empty()
+            && removed.is_empty()
+            && plan.vips.is_none()
+        {
             return Ok(());
         }
         self.nonce += 1;
@@ -680,6 +935,8 @@ impl Session {
             view_json,
             services,
             removed_services: removed,
+            vips_replace: plan.vips.is_some(),
+            vips: plan.vips.unwrap_or_default(),
         };
         self.hub.index().sent(&self.key, self.id, &update);
         self.hub
@@ -692,6 +949,7 @@ impl Session {
             view = update.view_json.is_some(),
             services = ?update.services.iter().map(|s| s.service.as_str()).collect::<BTreeSet<_>>(),
             removed = ?update.removed_services,
+            vips = update.vips_replace.then_some(update.vips.len()),
             "update sent"
         );
         self.send(pb::zone_message::Msg::Update(update)).await

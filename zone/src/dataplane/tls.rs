@@ -142,8 +142,8 @@ pub fn bootstrap(data_dir: &Path, extra_sans: &[String]) -> anyhow::Result<Mater
             let cert = p
                 .self_signed(&key)
                 .map_err(|e| anyhow!("making the data-plane CA: {e}"))?;
-            write(&ca_key_path, &key.serialize_pem(), 0o600)?;
-            write(&ca_path, &cert.pem(), 0o644)?;
+            write_atomic(&ca_key_path, &key.serialize_pem(), 0o600)?;
+            write_atomic(&ca_path, &cert.pem(), 0o644)?;
             tracing::info!(file = %ca_path.display(), "created the data-plane CA (proxies trust it with --zone-ca-file)");
             (cert.pem(), key)
         }
@@ -174,9 +174,9 @@ pub fn bootstrap(data_dir: &Path, extra_sans: &[String]) -> anyhow::Result<Mater
             let key = new_key()?;
             let (cert, not_after) = new_server(&ca_key, &key, &sans)?;
             let chain = format!("{cert}{ca_pem}");
-            write(&server_key_path, &key.serialize_pem(), 0o600)?;
-            write(&server_path, &chain, 0o644)?;
-            write(
+            write_atomic(&server_key_path, &key.serialize_pem(), 0o600)?;
+            write_atomic(&server_path, &chain, 0o644)?;
+            write_atomic(
                 &info_path,
                 &serde_json::to_string_pretty(&ServerInfo {
                     sans: sans.clone(),
@@ -196,7 +196,7 @@ pub fn bootstrap(data_dir: &Path, extra_sans: &[String]) -> anyhow::Result<Mater
 }
 
 /// Write `text` to `path` with `mode`, through a temporary file renamed into place.
-fn write(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
