@@ -35,6 +35,9 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The largest UDP message read (EDNS clients may send up to this).
 const MAX_UDP: usize = 4096;
+/// Forwarded UDP queries waiting for the upstream at once; more are answered SERVFAIL at once
+/// (a flood costs bounded memory).
+pub const MAX_FORWARDS: usize = 256;
 
 /// The DNS server's settings (`--dns-*` flags).
 #[derive(Clone, Debug)]
@@ -170,8 +173,9 @@ pub async fn run(
         "dns listening"
     );
     let udp = Arc::new(udp);
+    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     let tcp_loop = serve_tcp(tcp, shared.clone());
-    let udp_loop = serve_udp(udp, shared.clone());
+    let udp_loop = serve_udp(udp, shared.clone(), forwards);
     tokio::select! {
         _ = shared.ctx.draining.cancelled() => Ok(()),
         r = tcp_loop => r,
@@ -222,7 +226,11 @@ impl Shared {
     }
 }
 
-async fn serve_udp(udp: Arc<UdpSocket>, s: Arc<Shared>) -> anyhow::Result<()> {
+async fn serve_udp(
+    udp: Arc<UdpSocket>,
+    s: Arc<Shared>,
+    forwards: Arc<tokio::sync::Semaphore>,
+) -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX_UDP];
     loop {
         let (n, peer) = match udp.recv_from(&mut buf).await {
@@ -242,6 +250,13 @@ async fn serve_udp(udp: Arc<UdpSocket>, s: Arc<Shared>) -> anyhow::Result<()> {
             }
             Action::Drop => {}
             Action::Forward => {
+                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                    s.upstream_failed(&format!("{MAX_FORWARDS} queries already waiting"));
+                    if let Some(bytes) = servfail(query) {
+                        let _ = udp.send_to(&bytes, peer).await;
+                    }
+                    continue;
+                };
                 let (udp, query, tasks) = (udp.clone(), query.to_vec(), s.ctx.tasks.clone());
                 let s = s.clone();
                 tasks.spawn(
@@ -260,6 +275,7 @@ async fn serve_udp(udp: Arc<UdpSocket>, s: Arc<Shared>) -> anyhow::Result<()> {
                                 servfail(&query)
                             }
                         };
+                        drop(permit);
                         if let Some(bytes) = bytes
                             && let Err(e) = udp.send_to(&bytes, peer).await
                         {
