@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use weft_core::pki::{self, IntermediateCa, RootCa};
 use weft_core::store::{Memory, Store};
-use weft_core::token::SigningKey;
+use weft_core::token::{Scope, SigningKey};
 use weft_core::{Kind, ORIGIN_LABEL, Resource};
 use weft_proto::dataplane::v1 as pb;
 use weft_proto::kds::v1::GetTrustResponse;
@@ -219,6 +219,15 @@ impl Zone {
     }
 
     async fn register(&self, dp: &str, has_config: bool) -> (Proxy, pb::Registered) {
+        self.register_with(dp, has_config, false).await
+    }
+
+    async fn register_with(
+        &self,
+        dp: &str,
+        has_config: bool,
+        virtual_outbounds: bool,
+    ) -> (Proxy, pb::Registered) {
         let doc: Value = serde_saphyr_free(dp);
         let (mesh, name) = (doc["mesh"].as_str().unwrap(), doc["name"].as_str().unwrap());
         let service = doc["spec"]["networking"]["inbound"][0]["tags"]["weft.io/service"]
@@ -229,7 +238,7 @@ impl Zone {
             dataplane: dp.to_string(),
             version: "test-1".to_string(),
             has_config,
-            virtual_outbounds: false,
+            virtual_outbounds,
         };
         let mut p = self
             .open(pb::proxy_message::Msg::Hello(hello))
@@ -831,4 +840,550 @@ async fn a_restarted_zone_keeps_its_data_plane_ca() {
         .register(&mk_dataplane("default", "web-1", "web", 8080, &[]), false)
         .await;
     assert!(p.update().await.full);
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-zone: ingresses, managed MeshServices, remote endpoints, VIPs.
+
+fn zone_token(z: &Zone, zone: &str, scope: Scope) -> String {
+    z.key
+        .issue(zone, scope, Duration::from_secs(3600), SystemTime::now())
+        .unwrap()
+        .0
+}
+
+fn mk_ingress(name: &str) -> String {
+    json!({"type": "ZoneIngress", "name": name, "spec": {"networking": {
+        "address": "10.0.0.9", "port": 10001,
+        "advertisedAddress": "203.0.113.1", "advertisedPort": 443}}})
+    .to_string()
+}
+
+fn ingress_hello(token: String, name: &str) -> pb::Hello {
+    pb::Hello {
+        token,
+        dataplane: mk_ingress(name),
+        version: "ingress-test".into(),
+        has_config: false,
+        virtual_outbounds: false,
+    }
+}
+
+fn key(kind: Kind, mesh: Option<&str>, name: &str) -> weft_core::Key {
+    weft_core::Key::new(kind, mesh, name)
+}
+
+/// A resource received from another zone: named `<name>.<zone>` as KDS names it (validated
+/// under its base name, as `kds::admit` does).
+fn received(kind: Kind, mesh: Option<&str>, name: &str, zone: &str, spec: Value) -> Resource {
+    let labels = BTreeMap::from([
+        (ORIGIN_LABEL.to_string(), "global".to_string()),
+        ("weft.io/zone".to_string(), zone.to_string()),
+    ]);
+    let mut r = Resource::new(kind, mesh, name, labels, spec).unwrap();
+    r.name = format!("{name}.{zone}");
+    r
+}
+
+/// Another zone's MeshService and ZoneIngress, stored the way KDS stores them on a zone.
+fn remote_resources(instances: u32) -> Vec<Resource> {
+    vec![
+        received(
+            Kind::MeshService,
+            Some("default"),
+            "backend",
+            "west",
+            json!({"selector": {"dataplaneTags": {"weft.io/service": "backend"}},
+                "ports": [{"port": 8080, "appProtocol": "http"}],
+                "status": {"instances": instances}}),
+        ),
+        received(
+            Kind::ZoneIngress,
+            None,
+            "ingress",
+            "west",
+            json!({"zone": "west", "networking": {"address": "10.1.0.1", "port": 10001,
+                "advertisedAddress": "198.51.100.7", "advertisedPort": 443}}),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn an_ingress_registers_with_an_ingress_token_and_gets_every_mesh() {
+    let z = start(Opts::default()).await;
+    let (_b1, _) = z
+        .register(
+            &mk_dataplane("default", "backend-1", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    let (_p1, _) = z
+        .register(&mk_dataplane("plain", "p-1", "p", 7070, &[]), false)
+        .await;
+
+    // Refused: a zone-scope token, another zone's token, no token.
+    let s = z
+        .refused(ingress_hello(
+            zone_token(&z, "east", Scope::Zone),
+            "ingress-1",
+        ))
+        .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("has scope zone, not ingress"), "{s:?}");
+    let s = z
+        .refused(ingress_hello(
+            zone_token(&z, "west", Scope::Ingress),
+            "ingress-1",
+        ))
+        .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("not this zone \"east\""), "{s:?}");
+    let s = z.refused(ingress_hello(String::new(), "ingress-1")).await;
+    assert!(s.message().contains("missing zone token"), "{s:?}");
+    let zi = key(Kind::ZoneIngress, None, "ingress-1");
+    assert!(z.store.get(&zi).await.unwrap().is_none());
+
+    let mut ing = z
+        .open(pb::proxy_message::Msg::Hello(ingress_hello(
+            zone_token(&z, "east", Scope::Ingress),
+            "ingress-1",
+        )))
+        .await
+        .unwrap();
+    match ing.next().await {
+        pb::zone_message::Msg::Registered(r) => assert_eq!(
+            (r.zone.as_str(), r.mesh.as_str(), r.name.as_str(), r.mtls),
+            ("east", "", "ingress-1", false)
+        ),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    let full = ing.update().await;
+    assert!(full.full);
+    assert_eq!(full.view_json, None);
+    assert!(!full.vips_replace);
+    let got: BTreeMap<(String, String), &pb::ServiceEndpoints> = full
+        .services
+        .iter()
+        .map(|s| ((s.mesh.clone(), s.service.clone()), s))
+        .collect();
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        [
+            ("default".to_string(), "backend".to_string()),
+            ("plain".to_string(), "p".to_string())
+        ]
+    );
+    let backend = got[&("default".to_string(), "backend".to_string())];
+    assert_eq!(backend.protocol, "http");
+    assert_eq!(backend.endpoints.len(), 1);
+    assert_eq!(backend.endpoints[0].dataplane, "backend-1");
+
+    // Stored as this zone's, so KDS carries it to global.
+    let stored = z.store.get(&zi).await.unwrap().unwrap();
+    assert_eq!(stored.labels["weft.io/zone"], "east");
+    assert_eq!(stored.labels["weft.io/origin"], "zone");
+    assert_eq!(stored.spec["zone"], "east");
+    assert_eq!(stored.spec["networking"]["advertisedPort"], 443);
+
+    // No certificate for an ingress.
+    ing.send(pb::proxy_message::Msg::CertificateRequest(
+        pb::CertificateRequest {
+            csr_pem: "unused".into(),
+        },
+    ))
+    .await;
+    match ing.next().await {
+        pb::zone_message::Msg::CertificateError(e) => {
+            assert!(e.reason.contains("pass TLS through"), "{e:?}")
+        }
+        other => panic!("expected a CertificateError, got {other:?}"),
+    }
+
+    // Another backend instance: the ingress gets only that service, with its mesh.
+    let (_b2, _) = z
+        .register(
+            &mk_dataplane("default", "backend-2", "backend", 8081, &[]),
+            false,
+        )
+        .await;
+    let delta = ing.update().await;
+    assert!(!delta.full);
+    assert_eq!(delta.services.len(), 1);
+    assert_eq!(
+        (
+            delta.services[0].mesh.as_str(),
+            delta.services[0].service.as_str()
+        ),
+        ("default", "backend")
+    );
+    assert_eq!(delta.services[0].endpoints.len(), 2);
+
+    // Another zone's offer never reaches the ingress.
+    z.store.apply(remote_resources(3), false).await.unwrap();
+    ing.quiet(Duration::from_millis(300)).await;
+
+    // The session ends: the ZoneIngress goes.
+    drop(ing);
+    eventually("the ZoneIngress deleted", || async {
+        z.store.get(&zi).await.unwrap().is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_zone_maintains_a_mesh_service_per_local_service() {
+    let z = start(Opts::default()).await;
+    // A user-written MeshService for web: left alone.
+    let user = Resource::new(
+        Kind::MeshService,
+        Some("default"),
+        "web",
+        BTreeMap::from([
+            (ORIGIN_LABEL.to_string(), "zone".to_string()),
+            ("weft.io/zone".to_string(), "east".to_string()),
+        ]),
+        json!({"selector": {"dataplaneTags": {"weft.io/service": "web"}}, "ports": [{"port": 80, "targetPort": 8080}]}),
+    )
+    .unwrap();
+    z.store.apply(vec![user.clone()], false).await.unwrap();
+    let (_w, _) = z
+        .register(&mk_dataplane("default", "web-1", "web", 8080, &[]), false)
+        .await;
+    let (b1, _) = z
+        .register(
+            &mk_dataplane("default", "backend-1", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    let ms = key(Kind::MeshService, Some("default"), "backend");
+    let instances = |n: u64| {
+        let z = &z;
+        let ms = ms.clone();
+        async move {
+            z.store
+                .get(&ms)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.spec["status"]["instances"] == n)
+        }
+    };
+    eventually("MeshService backend with 1 instance", || instances(1)).await;
+    let r = z.store.get(&ms).await.unwrap().unwrap();
+    assert_eq!(r.labels["weft.io/managed-by"], "weft-zone");
+    assert_eq!(r.labels["weft.io/zone"], "east");
+    assert_eq!(r.labels["weft.io/origin"], "zone");
+    assert_eq!(
+        r.spec["selector"]["dataplaneTags"]["weft.io/service"],
+        "backend"
+    );
+    assert_eq!(
+        r.spec["ports"],
+        json!([{"port": 8080, "appProtocol": "http"}])
+    );
+    let web = z
+        .store
+        .get(&key(Kind::MeshService, Some("default"), "web"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        web.same_content(&user),
+        "the user's MeshService changed: {web:?}"
+    );
+
+    let (_b2, _) = z
+        .register(
+            &mk_dataplane("default", "backend-2", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    eventually("2 instances", || instances(2)).await;
+    drop(b1);
+    eventually("1 instance after a proxy left", || instances(1)).await;
+    drop(_b2);
+    eventually("0 instances", || instances(0)).await;
+    // The Dataplanes are deleted: the MeshService goes.
+    for n in ["backend-1", "backend-2"] {
+        z.store
+            .delete(&key(Kind::Dataplane, Some("default"), n), None)
+            .await
+            .unwrap();
+    }
+    eventually("MeshService backend deleted", || async {
+        z.store.get(&ms).await.unwrap().is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_proxy_gets_other_zones_instances_through_their_ingress() {
+    let z = start(Opts::default()).await;
+    let (_b, _) = z
+        .register(
+            &mk_dataplane("default", "backend-1", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    z.store.apply(remote_resources(2), false).await.unwrap();
+    let (mut web, _) = z
+        .register(
+            &mk_dataplane("default", "web-1", "web", 9000, &["backend"]),
+            false,
+        )
+        .await;
+    let first = web.update().await;
+    assert!(!first.vips_replace && first.vips.is_empty(), "{first:?}");
+    let mut held = Held::default();
+    held.apply(&first);
+    web.until(&mut held, "backend's west endpoint", |h| {
+        h.services["backend"].endpoints.len() == 2
+    })
+    .await;
+    assert!(held.vips.is_empty(), "no VIPs without virtual outbounds");
+    let backend = held.services["backend"].clone();
+    assert_eq!(backend.protocol, "http");
+    let by_zone: BTreeMap<&str, &pb::Endpoint> = backend
+        .endpoints
+        .iter()
+        .map(|e| (e.zone.as_str(), e))
+        .collect();
+    assert_eq!(backend.endpoints.len(), 2, "{backend:?}");
+    assert_eq!(by_zone["east"].dataplane, "backend-1");
+    assert_eq!(by_zone["east"].weight, 1);
+    let west = by_zone["west"];
+    assert_eq!(
+        (
+            west.address.as_str(),
+            west.port,
+            west.dataplane.as_str(),
+            west.weight
+        ),
+        ("198.51.100.7", 443, "ingress.west", 2)
+    );
+    assert_eq!(west.tags["weft.io/service"], "backend");
+    assert_eq!(west.tags["weft.io/zone"], "west");
+
+    // West reports no instance: only the local endpoint stays.
+    z.store.apply(remote_resources(0), false).await.unwrap();
+    let u = web.update().await;
+    let s = services(&u);
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["backend"]);
+    assert_eq!(s["backend"].endpoints.len(), 1);
+    assert_eq!(s["backend"].endpoints[0].zone, "east");
+    // Back with 4: the ingress endpoint returns with weight 4.
+    z.store.apply(remote_resources(4), false).await.unwrap();
+    let u = web.update().await;
+    let west: Vec<_> = services(&u)["backend"]
+        .endpoints
+        .iter()
+        .filter(|e| e.zone == "west")
+        .map(|e| e.weight)
+        .collect();
+    assert_eq!(west, [4]);
+    // Another zone's service web-1 does not call changes nothing for it.
+    let other = received(
+        Kind::MeshService,
+        Some("default"),
+        "db",
+        "west",
+        json!({"selector": {"dataplaneTags": {"weft.io/service": "db"}},
+            "ports": [{"port": 5432}], "status": {"instances": 1}}),
+    );
+    z.store.apply(vec![other], false).await.unwrap();
+    web.quiet(Duration::from_millis(300)).await;
+}
+
+/// What a proxy holds after applying updates as weft-dp does.
+#[derive(Default, Debug)]
+struct Held {
+    services: BTreeMap<String, pb::ServiceEndpoints>,
+    vips: Vec<pb::Vip>,
+}
+
+impl Held {
+    fn apply(&mut self, u: &pb::Update) {
+        if u.full {
+            self.services.clear();
+        }
+        for s in &u.services {
+            self.services.insert(s.service.clone(), s.clone());
+        }
+        for r in &u.removed_services {
+            self.services.remove(r);
+        }
+        if u.vips_replace {
+            self.vips = u.vips.clone();
+        }
+    }
+}
+
+impl Proxy {
+    /// Apply updates to `held` until `done` holds (updates are asynchronous: what the store
+    /// got a moment ago may come in the next update).
+    async fn until(&mut self, held: &mut Held, what: &str, done: impl Fn(&Held) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(held) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {held:?}"
+            );
+            let u = self.update().await;
+            held.apply(&u);
+        }
+    }
+}
+
+/// name -> (address, zone, ports) of a VIP table.
+fn vip_map(vips: &[pb::Vip]) -> BTreeMap<String, (String, String, Vec<u32>)> {
+    vips.iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                (v.address.clone(), v.zone.clone(), v.ports.clone()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn virtual_outbounds_get_every_service_and_stable_vips() {
+    let z = start(Opts::default()).await;
+    let (_b, _) = z
+        .register(
+            &mk_dataplane("default", "backend-1", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    z.store.apply(remote_resources(1), false).await.unwrap();
+    let (_p, _) = z
+        .register(&mk_dataplane("plain", "p-1", "p", 7070, &[]), false)
+        .await;
+    // Declares no outbound: gets every service of its mesh anyway, and the VIPs.
+    let (mut fe, _) = z
+        .register_with(
+            &mk_dataplane("default", "frontend-1", "frontend", 9000, &[]),
+            false,
+            true,
+        )
+        .await;
+    let first = fe.update().await;
+    assert!(first.full && first.vips_replace, "{first:?}");
+    let mut held = Held::default();
+    held.apply(&first);
+    fe.until(&mut held, "backend in both zones and its VIPs", |h| {
+        h.services
+            .get("backend")
+            .is_some_and(|s| s.endpoints.len() == 2)
+            && h.vips.iter().any(|v| v.name == "backend.west.mesh")
+    })
+    .await;
+    assert!(held.services.contains_key("frontend"));
+    assert!(!held.services.contains_key("p"), "another mesh's service");
+    let vips = vip_map(&held.vips);
+    for (name, zone) in [
+        ("backend.mesh", ""),
+        ("backend.east.mesh", "east"),
+        ("backend.west.mesh", "west"),
+        ("frontend.mesh", ""),
+        ("frontend.east.mesh", "east"),
+    ] {
+        let (address, z, ports) = vips
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not in {vips:?}"));
+        assert_eq!(z, zone, "{name}");
+        let ip: std::net::Ipv4Addr = address.parse().unwrap();
+        assert!(
+            ip.octets()[0] == 127 && (240..=255).contains(&ip.octets()[1]),
+            "{name}: {ip} is not in 127.240.0.0/12"
+        );
+        assert!(!ports.is_empty(), "{name}");
+    }
+    assert_eq!(vips["backend.west.mesh"].2, [8080]);
+    assert_eq!(vips["frontend.mesh"].2, [9000]);
+    assert!(
+        held.vips.iter().all(|v| v.service != "p"),
+        "another mesh's VIP"
+    );
+    let addresses: std::collections::BTreeSet<&String> = vips.values().map(|v| &v.0).collect();
+    assert_eq!(addresses.len(), vips.len(), "duplicate VIPs: {vips:?}");
+
+    // A new service of the mesh appears: its endpoints and a new table arrive.
+    let (_db, _) = z
+        .register(&mk_dataplane("default", "db-1", "db", 5432, &[]), false)
+        .await;
+    fe.until(&mut held, "db and db.mesh", |h| {
+        h.services.contains_key("db") && h.vips.iter().any(|v| v.name == "db.mesh")
+    })
+    .await;
+    let table = vip_map(&held.vips);
+    assert_eq!(table["backend.mesh"], vips["backend.mesh"], "a VIP moved");
+
+    // /_inspect/services: per zone, the total, the ports and this zone's VIP of backend.mesh.
+    eventually("backend in /_inspect/services with both zones", || async {
+        let (_, v) = z.get("/_inspect/services").await;
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["service"] == "backend" && i["instances"] == 2)
+    })
+    .await;
+    let (status, v) = z.get("/_inspect/services").await;
+    assert_eq!(status, 200);
+    let item = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["service"] == "backend")
+        .unwrap()
+        .clone();
+    assert_eq!(item["mesh"], "default");
+    assert_eq!(
+        item["zones"],
+        json!([{"zone": "east", "instances": 1}, {"zone": "west", "instances": 1}])
+    );
+    assert_eq!(item["ports"], json!([8080]));
+    assert_eq!(item["vip"], table["backend.mesh"].0.as_str());
+
+    // Restart on the same data dir: the same names get the same addresses.
+    eventually("vips.json written", || async {
+        std::fs::read_to_string(z.data_dir.path().join("vips.json"))
+            .is_ok_and(|t| t.contains("db.east.mesh"))
+    })
+    .await;
+    let mut z = z;
+    z.shutdown.cancel();
+    let task = std::mem::replace(&mut z.task, tokio::spawn(async { Ok(()) }));
+    task.await.unwrap().unwrap();
+    let data_dir = std::mem::replace(&mut z.data_dir, tempfile::tempdir().unwrap());
+    drop(z);
+    let z2 = start(Opts {
+        data_dir: Some(data_dir),
+        ..Opts::default()
+    })
+    .await;
+    // Registered in another order than before.
+    let (_db, _) = z2
+        .register(&mk_dataplane("default", "db-1", "db", 5432, &[]), false)
+        .await;
+    z2.store.apply(remote_resources(1), false).await.unwrap();
+    let (_b, _) = z2
+        .register(
+            &mk_dataplane("default", "backend-1", "backend", 8080, &[]),
+            false,
+        )
+        .await;
+    let (mut fe2, _) = z2
+        .register_with(
+            &mk_dataplane("default", "frontend-1", "frontend", 9000, &[]),
+            false,
+            true,
+        )
+        .await;
+    let mut again = Held::default();
+    fe2.until(&mut again, "the whole VIP table after the restart", |h| {
+        h.vips.len() == table.len()
+    })
+    .await;
+    assert_eq!(vip_map(&again.vips), table, "VIPs changed across a restart");
 }
