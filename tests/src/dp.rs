@@ -173,6 +173,12 @@ impl Dataplane {
         self.proc.spawn(cmd)
     }
 
+    /// Start it again with the same flags (after [`Dataplane::kill9`]); waits for `/ready`.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
     pub fn admin(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
     }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod dp;
 pub mod fixtures;
+pub mod ingress;
 pub mod proxy;
 pub mod zone;
 

@@ -1,0 +1,159 @@
+//! Real `weft-ingress` processes: a zone token with scope `ingress` issued on global through
+//! `weftctl`, registration with the zone's data-plane API, the admin API (`/ready`,
+//! `/config`, `/metrics`), kill -9.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde_json::Value;
+
+use crate::{Global, Proc, Zone, bin, client, free_port, ok};
+
+/// A running `weft-ingress --mode ingress`.
+pub struct Ingress {
+    /// First: the log is printed on drop, before the dir holding it is removed.
+    proc: Proc,
+    pub name: String,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Ingress {
+    /// Issue an ingress-scoped zone token for `zone` on `g` and start ingress `name` on a free
+    /// loopback port; waits for `/ready`.
+    pub async fn start(g: &Global, zone: &Zone, name: &str) -> anyhow::Result<Ingress> {
+        let dir = tempfile::tempdir()?;
+        let token = ok(g.weftctl(&[
+            "generate",
+            "zone-token",
+            "--zone",
+            &zone.name,
+            "--scope",
+            "ingress",
+            "--valid-for",
+            "24h",
+        ]));
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, token.trim())?;
+        let (port, admin_port) = (free_port(), free_port());
+        let args = vec![
+            "run".to_string(),
+            "--mode".into(),
+            "ingress".into(),
+            "--zone-address".into(),
+            format!("https://{}", zone.dataplane_address()),
+            "--zone-ca-file".into(),
+            zone.dataplane_ca_file().display().to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--name".into(),
+            name.to_string(),
+            "--address".into(),
+            format!("127.0.0.1:{port}"),
+            "--admin-address".into(),
+            format!("127.0.0.1:{admin_port}"),
+        ];
+        let mut ing = Ingress {
+            proc: Proc::new(
+                format!("weft-ingress {name}"),
+                dir.path().join("ingress.log"),
+            ),
+            name: name.to_string(),
+            port,
+            admin_port,
+            dir,
+            args,
+        };
+        ing.spawn()?;
+        ing.wait_ready(Duration::from_secs(30)).await?;
+        Ok(ing)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("weft-ingress"));
+        cmd.args(&self.args);
+        self.proc.spawn(cmd)
+    }
+
+    /// Start it again with the same flags (after [`Ingress::kill9`]).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// Wait for `GET /ready` = 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let http = client();
+        let deadline = Instant::now() + timeout;
+        let mut last;
+        loop {
+            if let Some(status) = self.proc.exited()? {
+                bail!(
+                    "weft-ingress {} exited with {status} while starting:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            match http.get(format!("{}/ready", self.admin())).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "weft-ingress {} not ready after {timeout:?} (last: {last}):\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET /config`.
+    pub async fn config(&self) -> anyhow::Result<Value> {
+        let r = client()
+            .get(format!("{}/config", self.admin()))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(r.json().await?)
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(client()
+            .get(format!("{}/metrics", self.admin()))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
+    /// The value of the first metric line starting with `series` (name and labels), if any.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await.ok()?;
+        crate::api::metric_value(&text, series)
+    }
+
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
