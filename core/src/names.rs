@@ -123,6 +123,14 @@ impl fmt::Display for DnsName {
     }
 }
 
+/// The SPIFFE path (service part) of the zone egress of `zone` in every mesh:
+/// `spiffe://<mesh>/zone-egress.<zone>`. The dot makes it a name no workload can have
+/// (a `weft.io/service` is a DNS label), so a proxy that expects its egress's identity can
+/// only be answered by the egress.
+pub fn egress_identity(zone: &str) -> String {
+    format!("zone-egress.{zone}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,7 +43,7 @@ impl Spec for MeshTrafficPermissionConf {}
 
 impl Conf for MeshTrafficPermissionConf {
     const SECTIONS: Sections = Sections {
-        top: allow::TOP,
+        top: allow::TOP_WITH_EXTERNAL,
         to: allow::NONE,
         from: allow::FROM,
         rules: true,

@@ -29,6 +29,15 @@ pub mod allow {
     use super::TargetKind::*;
     /// Who a policy can apply to (the top-level targetRef).
     pub const TOP: &[TargetKind] = &[Mesh, MeshSubset, MeshService, MeshServiceSubset, Dataplane];
+    /// MeshTrafficPermission: also an external service (enforced by the zone egress).
+    pub const TOP_WITH_EXTERNAL: &[TargetKind] = &[
+        Mesh,
+        MeshSubset,
+        MeshService,
+        MeshServiceSubset,
+        Dataplane,
+        MeshExternalService,
+    ];
     pub const TOP_WITH_ROUTE: &[TargetKind] = &[
         Mesh,
         MeshSubset,
