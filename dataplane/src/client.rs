@@ -614,7 +614,10 @@ impl Client {
                 tracing::debug!("certificate requested");
                 send(
                     tx,
-                    ProxyMsg::CertificateRequest(pb::CertificateRequest { csr_pem }),
+                    ProxyMsg::CertificateRequest(pb::CertificateRequest {
+                        csr_pem,
+                        mesh: String::new(),
+                    }),
                 )
                 .await
             }

@@ -685,7 +685,10 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
     // The CSR asks for another service: the zone decides the identity.
     let csr = pki::workload_csr("default", "admin", &key).unwrap();
     web.send(pb::proxy_message::Msg::CertificateRequest(
-        pb::CertificateRequest { csr_pem: csr },
+        pb::CertificateRequest {
+            csr_pem: csr,
+            ..Default::default()
+        },
     ))
     .await;
     let cert = match web.next().await {
@@ -714,6 +717,7 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
     web.send(pb::proxy_message::Msg::CertificateRequest(
         pb::CertificateRequest {
             csr_pem: "not a csr".into(),
+            ..Default::default()
         },
     ))
     .await;
@@ -732,6 +736,7 @@ async fn certificates_chain_to_the_mesh_root_with_the_service_identity() {
         .send(pb::proxy_message::Msg::CertificateRequest(
             pb::CertificateRequest {
                 csr_pem: pki::workload_csr("plain", "p", &key).unwrap(),
+                ..Default::default()
             },
         ))
         .await;
@@ -989,6 +994,7 @@ async fn an_ingress_registers_with_an_ingress_token_and_gets_every_mesh() {
     ing.send(pb::proxy_message::Msg::CertificateRequest(
         pb::CertificateRequest {
             csr_pem: "unused".into(),
+            ..Default::default()
         },
     ))
     .await;

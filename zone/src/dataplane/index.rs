@@ -25,7 +25,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use weft_core::names::DnsName;
 use weft_core::spec::dataplane::Networking;
-use weft_core::spec::service::MeshServiceSpec;
+use weft_core::spec::dataplane::ZoneEgressSpec;
+use weft_core::spec::service::{MeshExternalServiceSpec, MeshServiceSpec};
 use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG, ZoneIngressSpec};
 use weft_core::{Key, Kind, Resource, ZONE_LABEL};
 use weft_proto::dataplane::v1 as pb;
@@ -75,6 +76,14 @@ pub enum Role {
     Proxy { virtual_outbounds: bool },
     /// A zone ingress: the local endpoints of every service of every mesh.
     Ingress,
+    /// A zone egress: every MeshExternalService of every mesh, with its permissions.
+    Egress,
+}
+
+/// The session key of zone egress `name`: `*` is no mesh name, so it cannot collide with a
+/// dataplane's or an ingress's.
+pub fn egress_key(name: &str) -> DpKey {
+    ("*".to_string(), name.to_string())
 }
 
 impl Role {
@@ -237,6 +246,8 @@ pub struct Index {
     past: HashMap<DpKey, (Insight, Sent)>,
     /// Sessions of zone ingresses.
     ingresses: BTreeSet<DpKey>,
+    /// Sessions of this zone's egresses, with the address and port proxies dial.
+    egresses: BTreeMap<DpKey, (String, u32)>,
     /// Every local Dataplane in the store (online or not): per service, per dataplane, the
     /// ports it declares (port -> protocol).
     declared: HashMap<SvcKey, BTreeMap<String, BTreeMap<u32, String>>>,
@@ -327,6 +338,7 @@ pub fn contributions(
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             weight: 1,
+            server_identity: String::new(),
         });
     }
     out
@@ -398,6 +410,7 @@ impl Index {
             meshes: HashMap::new(),
             past: HashMap::new(),
             ingresses: BTreeSet::new(),
+            egresses: BTreeMap::new(),
             declared: HashMap::new(),
             dp_declares: HashMap::new(),
             remote: HashMap::new(),
@@ -446,6 +459,7 @@ impl Index {
     ) -> Registration {
         let key: DpKey = match role {
             Role::Ingress => (String::new(), resource.name.clone()),
+            Role::Egress => egress_key(&resource.name),
             Role::Proxy { .. } => (
                 resource.mesh.clone().unwrap_or_default(),
                 resource.name.clone(),
@@ -454,6 +468,7 @@ impl Index {
         if let Some(old) = self.remove_session(&key) {
             let what = match role {
                 Role::Ingress => format!("zone ingress {:?}", key.1),
+                Role::Egress => format!("zone egress {:?}", key.1),
                 Role::Proxy { .. } => format!("dataplane {:?} in mesh {:?}", key.1, key.0),
             };
             old.close(format!("replaced by a newer session of {what}"));
@@ -464,7 +479,7 @@ impl Index {
         let close = Arc::new(Close::default());
         let now = SystemTime::now();
         let (wanted, contributes) = match role {
-            Role::Ingress => (BTreeSet::new(), BTreeMap::new()),
+            Role::Ingress | Role::Egress => (BTreeSet::new(), BTreeMap::new()),
             Role::Proxy { .. } => {
                 let spec = spec_of(&resource);
                 (
@@ -486,6 +501,16 @@ impl Index {
             Role::Ingress => {
                 self.ingresses.insert(key.clone());
             }
+            Role::Egress => match serde_json::from_value::<ZoneEgressSpec>(resource.spec.clone()) {
+                Ok(spec) => {
+                    let n = &spec.networking;
+                    self.egresses
+                        .insert(key.clone(), (n.address.0.clone(), u32::from(n.port.0)));
+                }
+                Err(e) => {
+                    tracing::error!(egress = %key.1, error = %e, "the ZoneEgress does not parse: proxies will not be sent its address")
+                }
+            },
             Role::Proxy {
                 virtual_outbounds: true,
             } => {
@@ -508,7 +533,7 @@ impl Index {
                 wanted,
                 pending: Pending {
                     full: true,
-                    view: role != Role::Ingress,
+                    view: matches!(role, Role::Proxy { .. }),
                     vips: role.is_virtual(),
                     ..Pending::default()
                 },
@@ -529,6 +554,9 @@ impl Index {
         );
         self.set_contributions(&key, contributes);
         self.sessions[&key].wake();
+        if role == Role::Egress {
+            self.egresses_changed();
+        }
         Registration { id, notify, close }
     }
 
@@ -554,6 +582,9 @@ impl Index {
             }
         }
         self.ingresses.remove(key);
+        if self.egresses.remove(key).is_some() {
+            self.egresses_changed();
+        }
         if let Some(m) = self.meshes.get_mut(&key.0) {
             m.virtual_sessions.remove(&key.1);
         }
@@ -930,6 +961,85 @@ impl Index {
         if !same_policy_input {
             self.invalidate_views(Some(&mesh));
         }
+        if key.kind == Kind::MeshExternalService {
+            let k = (mesh.clone(), key.name.clone());
+            self.touched(&k, false);
+            self.wake_egresses([k]);
+        } else if key.kind == Kind::Mesh || key.kind == Kind::MeshTrafficPermission {
+            // The permissions (and defaultDeny) the egresses enforce for this mesh.
+            let all: Vec<SvcKey> = self
+                .externals(&mesh)
+                .into_keys()
+                .map(|x| (mesh.clone(), x))
+                .collect();
+            if key.kind == Kind::Mesh {
+                // mTLS on or off changes whether proxies get the egress as endpoint.
+                for k in &all {
+                    self.touched(k, false);
+                }
+            }
+            self.wake_egresses(all);
+        }
+    }
+
+    /// The MeshExternalServices of `mesh`, by name.
+    pub fn externals(&self, mesh: &str) -> BTreeMap<String, MeshExternalServiceSpec> {
+        let Some(m) = self.meshes.get(mesh) else {
+            return BTreeMap::new();
+        };
+        m.resources
+            .iter()
+            .filter(|(k, _)| k.kind == Kind::MeshExternalService)
+            .filter_map(|(k, r)| {
+                serde_json::from_value(r.spec.clone())
+                    .ok()
+                    .map(|spec| (k.name.clone(), spec))
+            })
+            .collect()
+    }
+
+    fn external(&self, k: &SvcKey) -> Option<MeshExternalServiceSpec> {
+        let r = self.meshes.get(&k.0)?.resources.get(&Key::new(
+            Kind::MeshExternalService,
+            Some(&k.0),
+            &k.1,
+        ))?;
+        serde_json::from_value(r.spec.clone()).ok()
+    }
+
+    /// Every external service of every mesh.
+    fn all_externals(&self) -> Vec<SvcKey> {
+        let mut out = Vec::new();
+        for (mesh, m) in &self.meshes {
+            for k in m.resources.keys() {
+                if k.kind == Kind::MeshExternalService {
+                    out.push((mesh.clone(), k.name.clone()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The egresses have to be sent these external services again.
+    fn wake_egresses(&mut self, services: impl IntoIterator<Item = SvcKey>) {
+        let services: Vec<SvcKey> = services.into_iter().collect();
+        if services.is_empty() {
+            return;
+        }
+        for key in self.egresses.keys() {
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.pending.services.extend(services.iter().cloned());
+                s.wake();
+            }
+        }
+    }
+
+    /// An egress came or went: every external service's endpoints changed for proxies.
+    fn egresses_changed(&mut self) {
+        for k in self.all_externals() {
+            self.touched(&k, false);
+        }
     }
 
     /// Forget every mesh's policy context (before a full re-list).
@@ -944,7 +1054,7 @@ impl Index {
 
     fn invalidate_views(&mut self, mesh: Option<&str>) {
         for (k, s) in self.sessions.iter_mut() {
-            if s.role != Role::Ingress && mesh.is_none_or(|m| m == k.0) {
+            if matches!(s.role, Role::Proxy { .. }) && mesh.is_none_or(|m| m == k.0) {
                 s.pending.view = true;
                 s.wake();
             }
@@ -1004,7 +1114,24 @@ impl Index {
         let (mesh, svc) = k;
         let zones = self.zones_of(k);
         let mut vips = Vec::new();
-        if !zones.is_empty() {
+        if zones.is_empty()
+            && let Some(ext) = self.external(k)
+        {
+            // An external service: `<name>.mesh` on its port (it runs in no zone).
+            let name = DnsName::new(svc, None).to_string();
+            match self.vips.allocate(mesh, &name) {
+                Ok(address) => vips.push(pb::Vip {
+                    name,
+                    address: address.to_string(),
+                    service: svc.clone(),
+                    zone: String::new(),
+                    ports: vec![u32::from(ext.matcher.port.0)],
+                }),
+                Err(e) => {
+                    tracing::error!(mesh = %mesh, name = %name, error = %e, "no VIP for an external service")
+                }
+            }
+        } else if !zones.is_empty() {
             let all: BTreeSet<u32> = zones
                 .values()
                 .flat_map(|z| z.ports.keys().copied())
@@ -1062,7 +1189,8 @@ impl Index {
 
     /// Whether service `k` exists anywhere (locally declared or served, or another zone's).
     fn known(&self, k: &SvcKey) -> bool {
-        self.declared.contains_key(k)
+        self.external(k).is_some()
+            || self.declared.contains_key(k)
             || self.services.get(k).is_some_and(|e| !e.by_dp.is_empty())
             || self.remote.contains_key(k)
     }
@@ -1076,6 +1204,7 @@ impl Index {
             .chain(remote)
             .filter(|k| k.0 == mesh)
             .map(|k| k.1.clone())
+            .chain(self.externals(mesh).into_keys())
             .collect()
     }
 
@@ -1095,6 +1224,9 @@ impl Index {
 
     /// The endpoint set of service `k` as `role` gets it.
     fn endpoints(&self, k: &SvcKey, role: Role) -> pb::ServiceEndpoints {
+        if let Some(ext) = self.external(k) {
+            return self.external_endpoints(k, &ext, role);
+        }
         let (protocols, mut endpoints) = self
             .services
             .get(k)
@@ -1121,7 +1253,7 @@ impl Index {
             .or_else(declared)
             .or_else(remote_protocol)
             .unwrap_or_else(|| "tcp".to_string());
-        if role != Role::Ingress {
+        if matches!(role, Role::Proxy { .. }) {
             for (zone, r) in remote.into_iter().flatten() {
                 if r.instances == 0 {
                     continue;
@@ -1140,6 +1272,7 @@ impl Index {
                         .into_iter()
                         .collect(),
                         weight: r.instances,
+                        server_identity: String::new(),
                     });
                 }
             }
@@ -1153,6 +1286,107 @@ impl Index {
             },
             protocol,
             endpoints,
+            external: None,
+        }
+    }
+
+    /// The endpoint set of MeshExternalService `k`: for the egress, the external endpoints,
+    /// how to reach them and the permissions; for a proxy, this zone's egresses (none when
+    /// the zone has no egress or the mesh has mTLS off: the egress identifies callers by
+    /// their certificate).
+    fn external_endpoints(
+        &self,
+        k: &SvcKey,
+        ext: &MeshExternalServiceSpec,
+        role: Role,
+    ) -> pb::ServiceEndpoints {
+        use weft_core::spec::service::{ExternalProtocol, VerificationMode};
+        let protocol = match ext.matcher.protocol {
+            ExternalProtocol::Http => "http",
+            ExternalProtocol::Http2 => "http2",
+            ExternalProtocol::Grpc => "grpc",
+            ExternalProtocol::Tcp | ExternalProtocol::Tls => "tcp",
+        }
+        .to_string();
+        let spec = self.mesh_spec(&k.0).unwrap_or_default();
+        let mtls = spec
+            .mtls
+            .as_ref()
+            .is_some_and(|m| m.enabled_backend.is_some());
+        if role == Role::Egress {
+            let resources: Vec<Resource> = self
+                .meshes
+                .get(&k.0)
+                .map(|m| m.resources.values().cloned().collect())
+                .unwrap_or_default();
+            let permissions =
+                weft_core::policy::resolve_external(&k.0, &k.1, Some(&self.zone), &resources)
+                    .ok()
+                    .and_then(|v| serde_json::to_string(&v).ok())
+                    .unwrap_or_default();
+            let tls = ext.tls.as_ref().filter(|t| t.enabled);
+            let verification = tls.and_then(|t| t.verification.as_ref());
+            return pb::ServiceEndpoints {
+                service: k.1.clone(),
+                mesh: k.0.clone(),
+                protocol,
+                endpoints: ext
+                    .endpoints
+                    .iter()
+                    .map(|e| pb::Endpoint {
+                        address: e.address.0.clone(),
+                        port: u32::from(e.port.0),
+                        weight: 1,
+                        ..pb::Endpoint::default()
+                    })
+                    .collect(),
+                external: Some(pb::ExternalService {
+                    tls: tls.is_some(),
+                    server_name: verification
+                        .and_then(|v| v.server_name.clone())
+                        .unwrap_or_default(),
+                    verification_mode: match verification.and_then(|v| v.mode) {
+                        None | Some(VerificationMode::Secured) => "Secured",
+                        Some(VerificationMode::SkipSan) => "SkipSAN",
+                        Some(VerificationMode::SkipCa) => "SkipCA",
+                        Some(VerificationMode::SkipAll) => "SkipAll",
+                    }
+                    .to_string(),
+                    permissions_json: permissions,
+                    default_deny: spec.default_deny.unwrap_or(mtls),
+                }),
+            };
+        }
+        let mut endpoints = Vec::new();
+        if !mtls {
+            tracing::warn!(mesh = %k.0, service = %k.1, "MeshExternalService: no endpoints: mesh has mTLS off, and the zone egress identifies callers by their mTLS certificate (enable mtls on the Mesh)");
+        } else if self.egresses.is_empty() {
+            tracing::warn!(mesh = %k.0, service = %k.1, zone = %self.zone, "MeshExternalService: no endpoints: no zone egress is connected to this zone (run `weft-ingress run --mode egress`)");
+        } else {
+            let identity =
+                weft_core::pki::SpiffeId::new(&k.0, &weft_core::names::egress_identity(&self.zone))
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+            for ((_, name), (address, port)) in &self.egresses {
+                endpoints.push(pb::Endpoint {
+                    address: address.clone(),
+                    port: *port,
+                    dataplane: name.clone(),
+                    zone: self.zone.clone(),
+                    tags: [(SERVICE_TAG.to_string(), k.1.clone())]
+                        .into_iter()
+                        .collect(),
+                    weight: 1,
+                    server_identity: identity.clone(),
+                });
+            }
+        }
+        pb::ServiceEndpoints {
+            service: k.1.clone(),
+            mesh: String::new(),
+            protocol,
+            endpoints,
+            external: None,
         }
     }
 
@@ -1177,6 +1411,7 @@ impl Index {
         let names: Vec<SvcKey> = if pending.full {
             match role {
                 Role::Ingress => self.local_services().into_iter().collect(),
+                Role::Egress => self.all_externals(),
                 Role::Proxy { virtual_outbounds } => {
                     let mut n: BTreeSet<String> = wanted.clone();
                     if virtual_outbounds {
@@ -1187,7 +1422,24 @@ impl Index {
             }
         } else {
             let mut out = Vec::new();
-            for k in std::mem::take(&mut pending.services) {
+            let pending_services = std::mem::take(&mut pending.services);
+            let mut readd = Vec::new();
+            for k in pending_services {
+                if role == Role::Egress {
+                    if self.external(&k).is_some() {
+                        out.push(k);
+                    } else {
+                        // Removals name no mesh: the egress drops the name from every mesh,
+                        // so the others' sets of that name go again in the same update.
+                        readd.extend(
+                            self.all_externals()
+                                .into_iter()
+                                .filter(|o| o.1 == k.1 && o.0 != k.0),
+                        );
+                        pending.removed.insert(k.1.clone());
+                    }
+                    continue;
+                }
                 // A service gone from the mesh that the proxy does not declare.
                 if role.is_virtual() && !wanted.contains(&k.1) && !self.known(&k) {
                     pending.removed.insert(k.1.clone());
@@ -1195,11 +1447,17 @@ impl Index {
                     out.push(k);
                 }
             }
+            for k in readd {
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
             pending.services = out.iter().cloned().collect();
             out
         };
         let services = names.iter().map(|k| self.endpoints(k, role)).collect();
-        let mesh_resources = if role != Role::Ingress && (pending.view || pending.full) {
+        let mesh_resources = if matches!(role, Role::Proxy { .. }) && (pending.view || pending.full)
+        {
             let m = self.meshes.entry(key.0.clone()).or_default();
             Some(
                 m.snapshot
@@ -1467,5 +1725,135 @@ mod tests {
         ix.dataplane_changed(&key("web-1"), 3, None);
         assert!(web.close.token.is_cancelled());
         assert_eq!(ix.online(), 0);
+    }
+
+    fn mk(kind: Kind, mesh: Option<&str>, name: &str, spec: Value) -> Resource {
+        let mut r = Resource::new(kind, mesh, name, BTreeMap::new(), spec).unwrap();
+        r.meta.version = 1;
+        r
+    }
+
+    fn mk_egress(name: &str, port: u16) -> Resource {
+        mk(
+            Kind::ZoneEgress,
+            None,
+            name,
+            json!({"networking": {"address": "10.0.0.9", "port": port}}),
+        )
+    }
+
+    #[test]
+    fn external_services_go_through_the_egress() {
+        let mut ix = Index::new("east");
+        let mesh = mk(
+            Kind::Mesh,
+            None,
+            "default",
+            json!({"mtls": {"enabledBackend": "ca", "backends": [{"name": "ca", "type": "builtin"}]}}),
+        );
+        let ext = mk(
+            Kind::MeshExternalService,
+            Some("default"),
+            "httpbin",
+            json!({"match": {"type": "HostnameGenerator", "port": 80, "protocol": "http"},
+                   "endpoints": [{"address": "httpbin.org", "port": 443}],
+                   "tls": {"enabled": true}}),
+        );
+        ix.resync(&[mesh, ext]);
+        let web = ix.register(
+            mk_dataplane("web-1", "web", &["httpbin"], 8080),
+            PROXY,
+            "web",
+            "t",
+        );
+        // No egress yet: the proxy gets the service, with no endpoint.
+        let plan = ix.take(&key("web-1"), web.id).unwrap();
+        let set = plan
+            .services
+            .iter()
+            .find(|s| s.service == "httpbin")
+            .unwrap();
+        assert!(set.endpoints.is_empty(), "{set:?}");
+        assert_eq!(set.protocol, "http");
+
+        let eg = ix.register(
+            mk_egress("egress-1", 10002),
+            Role::Egress,
+            "zone-egress.east",
+            "t",
+        );
+        // The proxy is woken with the egress as the endpoint, to be verified as the egress.
+        let plan = ix.take(&key("web-1"), web.id).unwrap();
+        let set = plan
+            .services
+            .iter()
+            .find(|s| s.service == "httpbin")
+            .unwrap();
+        assert_eq!(set.endpoints.len(), 1);
+        let ep = &set.endpoints[0];
+        assert_eq!((ep.address.as_str(), ep.port), ("10.0.0.9", 10002));
+        assert_eq!(ep.server_identity, "spiffe://default/zone-egress.east");
+        assert_eq!(ep.zone, "east");
+
+        // The egress gets the external endpoints, TLS and the permissions.
+        let plan = ix.take(&egress_key("egress-1"), eg.id).unwrap();
+        assert!(plan.pending.full);
+        assert!(plan.mesh_resources.is_none());
+        assert_eq!(plan.services.len(), 1);
+        let set = &plan.services[0];
+        assert_eq!(
+            (set.mesh.as_str(), set.service.as_str()),
+            ("default", "httpbin")
+        );
+        assert_eq!(set.endpoints[0].address, "httpbin.org");
+        let x = set.external.as_ref().unwrap();
+        assert!(x.tls);
+        assert!(x.default_deny, "mTLS on: deny by default");
+        assert_eq!(x.verification_mode, "Secured");
+
+        // A permission for the external service wakes the egress with new rules.
+        let mtp = mk(
+            Kind::MeshTrafficPermission,
+            Some("default"),
+            "allow-web",
+            json!({"targetRef": {"kind": "MeshExternalService", "name": "httpbin"},
+                   "from": [{"targetRef": {"kind": "MeshService", "name": "web"},
+                             "default": {"action": "Allow"}}]}),
+        );
+        ix.apply(&mtp.key(), 1, Some(&mtp));
+        let plan = ix.take(&egress_key("egress-1"), eg.id).unwrap();
+        let x = plan.services[0].external.as_ref().unwrap();
+        let view: weft_core::policy::InboundView =
+            serde_json::from_str(&x.permissions_json).unwrap();
+        assert_eq!(
+            view.allows("web", &BTreeMap::new(), true),
+            weft_core::spec::policies::Action::Allow
+        );
+
+        // The external service deleted: the egress is told to remove it.
+        let k = Key::new(Kind::MeshExternalService, Some("default"), "httpbin");
+        ix.apply(&k, 2, None);
+        let plan = ix.take(&egress_key("egress-1"), eg.id).unwrap();
+        assert!(plan.services.is_empty());
+        assert!(plan.pending.removed.contains("httpbin"));
+
+        // The egress gone: proxies lose it.
+        let ext = mk(
+            Kind::MeshExternalService,
+            Some("default"),
+            "httpbin",
+            json!({"match": {"type": "HostnameGenerator", "port": 80, "protocol": "http"},
+                   "endpoints": [{"address": "httpbin.org", "port": 80}]}),
+        );
+        ix.apply(&ext.key(), 3, Some(&ext));
+        let _ = ix.take(&key("web-1"), web.id);
+        assert!(ix.unregister(&egress_key("egress-1"), eg.id));
+        let plan = ix.take(&key("web-1"), web.id).unwrap();
+        let set = plan
+            .services
+            .iter()
+            .find(|s| s.service == "httpbin")
+            .unwrap();
+        assert!(set.endpoints.is_empty());
     }
 }

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
+use weft_core::spec::dataplane::ZoneEgressSpec;
 use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG, ZoneIngressSpec};
 use weft_core::store::{self, ListQuery, Store};
 use weft_core::token::Scope;
@@ -234,6 +235,7 @@ impl Hub {
         let resource = parse_hello_resource(&hello.dataplane)?;
         match resource.kind {
             Kind::ZoneIngress => self.admit_ingress(hello, resource).await,
+            Kind::ZoneEgress => self.admit_egress(hello, resource).await,
             _ => self.admit_dataplane(hello, resource).await,
         }
     }
@@ -305,6 +307,77 @@ impl Hub {
             service: String::new(),
             mtls: false,
             role: Role::Ingress,
+        })
+    }
+
+    /// Check an egress's Hello and register its ZoneEgress, like an ingress's: validate it,
+    /// check the zone token (scope egress, this zone), then upsert it as this zone's
+    /// (`spec.zone` set). Its address and port are what this zone's proxies dial to reach
+    /// MeshExternalServices.
+    async fn admit_egress(
+        &self,
+        hello: &pb::Hello,
+        resource: Resource,
+    ) -> Result<Admitted, Status> {
+        let name = resource.name.clone();
+        let token = hello.token.trim();
+        if token.is_empty() {
+            return Err(Status::unauthenticated(format!(
+                "zone egress {name:?}: missing zone token (Hello.token; make one with `weftctl generate zone-token --zone {} --scope egress`)",
+                self.zone
+            )));
+        }
+        self.trust
+            .verify_zone_token(token, Scope::Egress, &self.zone)
+            .map_err(|e| match e {
+                crate::trust::Error::NotYet => Status::unavailable(format!(
+                    "zone {}: zone egress token: cannot be checked yet (the zone has not obtained the token keys from global); retry once the zone is connected to global",
+                    self.zone
+                )),
+                e => Status::unauthenticated(format!("zone egress {name:?}: {e}")),
+            })?;
+        let mut spec: ZoneEgressSpec = serde_json::from_value(resource.spec.clone())
+            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: spec: {e}")))?;
+        if let Some(z) = &spec.zone
+            && z.0 != self.zone
+        {
+            return Err(Status::invalid_argument(format!(
+                "Hello.dataplane: spec.zone: {:?} is not this zone {:?} (leave it out: the zone sets it)",
+                z.0, self.zone
+            )));
+        }
+        spec.zone = Some(weft_core::validate::Name(self.zone.clone()));
+        let plane = Plane::Zone {
+            name: self.zone.clone(),
+        };
+        if let Some(stored) = self
+            .store
+            .get(&resource.key())
+            .await
+            .map_err(store_status)?
+            && let Some(origin) = plane.foreign_origin(&stored)
+        {
+            return Err(Status::permission_denied(format!(
+                "zone egress {name:?} belongs to {origin}, not zone {} (give this egress another name)",
+                self.zone
+            )));
+        }
+        let spec = serde_json::to_value(&spec)
+            .map_err(|e| Status::internal(format!("serializing the ZoneEgress: {e}")))?;
+        let resource = Resource::new(Kind::ZoneEgress, None, &name, resource.labels, spec)
+            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: {e}")))?;
+        let outcome = self
+            .store
+            .apply(vec![plane.stamp(resource)], false)
+            .await
+            .map_err(store_status)?
+            .pop()
+            .ok_or_else(|| Status::internal("the store applied nothing"))?;
+        Ok(Admitted {
+            resource: outcome.resource().clone(),
+            service: weft_core::names::egress_identity(&self.zone),
+            mtls: false,
+            role: Role::Egress,
         })
     }
 
@@ -405,9 +478,19 @@ impl Hub {
     }
 
     /// Answer a CertificateRequest of `service` in `mesh`.
-    async fn certificate(&self, mesh: &str, service: &str, csr_pem: &str) -> pb::zone_message::Msg {
+    /// `answer_mesh` is echoed in the answer (set for egresses, which ask per mesh).
+    async fn certificate(
+        &self,
+        mesh: &str,
+        service: &str,
+        csr_pem: &str,
+        answer_mesh: &str,
+    ) -> pb::zone_message::Msg {
         let err = |reason: String| {
-            pb::zone_message::Msg::CertificateError(pb::CertificateError { reason })
+            pb::zone_message::Msg::CertificateError(pb::CertificateError {
+                reason,
+                mesh: answer_mesh.to_string(),
+            })
         };
         // The Mesh as stored now (the index may lag the store by a few milliseconds).
         let spec = match self.store.get(&Key::new(Kind::Mesh, None, mesh)).await {
@@ -452,6 +535,7 @@ impl Hub {
                     chain_pem: cert.chain_pem,
                     roots_pem: vec![ca.root_pem().to_string()],
                     not_after_unix: unix(cert.not_after),
+                    mesh: answer_mesh.to_string(),
                 })
             }
             Err(e) => err(e.to_string()),
@@ -463,8 +547,8 @@ impl Hub {
     /// The session of zone ingress `name` ended: delete its ZoneIngress (as this session
     /// stored it) so that other zones stop routing here. When a new session of the same
     /// ingress registered meanwhile, its resource is put back.
-    async fn ingress_gone(&self, name: &str, version: u64) {
-        let key = Key::new(Kind::ZoneIngress, None, name);
+    async fn ingress_gone(&self, kind: Kind, name: &str, version: u64) {
+        let key = Key::new(kind, None, name);
         match self.store.delete(&key, Some(version)).await {
             Ok(()) | Err(store::Error::NotFound(_)) => {}
             // Changed since: a newer session stored it again.
@@ -474,7 +558,11 @@ impl Hub {
                 return;
             }
         }
-        let again = self.index().resource_of(&(String::new(), name.to_string()));
+        let session = match kind {
+            Kind::ZoneEgress => index::egress_key(name),
+            _ => (String::new(), name.to_string()),
+        };
+        let again = self.index().resource_of(&session);
         if let Some(r) = again
             && let Err(e) = self.store.apply(vec![r], false).await
         {
@@ -600,8 +688,8 @@ fn store_status(e: store::Error) -> Status {
     }
 }
 
-/// `Hello.dataplane`: one Dataplane (proxies) or ZoneIngress (ingresses) resource, YAML or
-/// JSON, validated like the API does.
+/// `Hello.dataplane`: one Dataplane (proxies), ZoneIngress (ingresses) or ZoneEgress
+/// (egresses) resource, YAML or JSON, validated like the API does.
 pub fn parse_hello_resource(text: &str) -> Result<Resource, Status> {
     if text.trim().is_empty() {
         return Err(Status::invalid_argument(
@@ -617,9 +705,12 @@ pub fn parse_hello_resource(text: &str) -> Result<Resource, Status> {
         )));
     }
     let r = docs.pop().expect("one");
-    if !matches!(r.kind, Kind::Dataplane | Kind::ZoneIngress) {
+    if !matches!(
+        r.kind,
+        Kind::Dataplane | Kind::ZoneIngress | Kind::ZoneEgress
+    ) {
         return Err(Status::invalid_argument(format!(
-            "Hello.dataplane: type: expected Dataplane (or ZoneIngress for a zone ingress), got {}",
+            "Hello.dataplane: type: expected Dataplane (or ZoneIngress for a zone ingress, ZoneEgress for a zone egress), got {}",
             r.kind
         )));
     }
@@ -682,10 +773,13 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
         };
         let admitted = hub.admit(&hello).await.map_err(refused)?;
         let role = admitted.role;
-        let key: DpKey = (
-            admitted.resource.mesh.clone().unwrap_or_default(),
-            admitted.resource.name.clone(),
-        );
+        let key: DpKey = match role {
+            Role::Egress => index::egress_key(&admitted.resource.name),
+            _ => (
+                admitted.resource.mesh.clone().unwrap_or_default(),
+                admitted.resource.name.clone(),
+            ),
+        };
         let hold = (hello.has_config && hub.started.elapsed() < hub.cfg.warmup)
             .then(|| hub.started + hub.cfg.warmup);
         let version = admitted.resource.meta.version;
@@ -696,6 +790,9 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
             Role::Ingress => {
                 tracing::info!(ingress = %key.1, version = %hello.version, ?peer, "zone ingress registered")
             }
+            Role::Egress => {
+                tracing::info!(egress = %key.1, version = %hello.version, ?peer, "zone egress registered")
+            }
             Role::Proxy { virtual_outbounds } => {
                 tracing::info!(mesh = %key.0, dataplane = %key.1, service = %admitted.service, version = %hello.version, has_config = hello.has_config, virtual_outbounds, held = hold.is_some(), ?peer, "proxy registered")
             }
@@ -704,7 +801,11 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
         let registered = pb::ZoneMessage {
             msg: Some(pb::zone_message::Msg::Registered(pb::Registered {
                 zone: hub.zone.clone(),
-                mesh: key.0.clone(),
+                mesh: if role == Role::Egress {
+                    String::new()
+                } else {
+                    key.0.clone()
+                },
                 name: key.1.clone(),
                 mtls: admitted.mtls,
             })),
@@ -725,6 +826,7 @@ impl pb::dataplane_discovery_server::DataplaneDiscovery for Service {
         };
         let span = match role {
             Role::Ingress => tracing::info_span!("ingress", name = %key.1),
+            Role::Egress => tracing::info_span!("egress", name = %key.1),
             Role::Proxy { .. } => tracing::info_span!("dataplane", mesh = %key.0, name = %key.1),
         };
         tokio::spawn(session.run(inbound, self.shutdown.clone()).instrument(span));
@@ -791,7 +893,12 @@ impl Session {
         } else if self.role == Role::Ingress {
             tracing::info!(reason = %ended, "zone ingress offline: removing its ZoneIngress (other zones stop routing to it)");
             self.hub
-                .ingress_gone(&self.key.1, self.stored_version)
+                .ingress_gone(Kind::ZoneIngress, &self.key.1, self.stored_version)
+                .await;
+        } else if self.role == Role::Egress {
+            tracing::info!(reason = %ended, "zone egress offline: removing its ZoneEgress (proxies lose their route to external services)");
+            self.hub
+                .ingress_gone(Kind::ZoneEgress, &self.key.1, self.stored_version)
                 .await;
         } else {
             tracing::info!(reason = %ended, "proxy offline: its endpoints are withdrawn");
@@ -838,13 +945,36 @@ impl Session {
                 self.send(pb::zone_message::Msg::CertificateError(
                     pb::CertificateError {
                         reason: "zone ingresses pass TLS through and get no certificate".into(),
+                        mesh: String::new(),
                     },
                 ))
                 .await?;
             }
+            Msg::CertificateRequest(c) if self.role == Role::Egress => {
+                let msg = if c.mesh.is_empty() {
+                    pb::zone_message::Msg::CertificateError(pb::CertificateError {
+                        reason: "CertificateRequest.mesh: empty (a zone egress asks for one certificate per mesh: name the mesh)".into(),
+                        mesh: String::new(),
+                    })
+                } else {
+                    hub.certificate(&c.mesh, &self.service, &c.csr_pem, &c.mesh)
+                        .await
+                };
+                match &msg {
+                    pb::zone_message::Msg::Certificate(cert) => tracing::info!(
+                        mesh = %c.mesh, identity = %self.service, not_after = cert.not_after_unix,
+                        "issued the zone egress a certificate"
+                    ),
+                    pb::zone_message::Msg::CertificateError(e) => {
+                        tracing::info!(mesh = %c.mesh, reason = %e.reason, "no certificate for the zone egress")
+                    }
+                    _ => {}
+                }
+                self.send(msg).await?;
+            }
             Msg::CertificateRequest(c) => {
                 let msg = hub
-                    .certificate(&self.key.0, &self.service, &c.csr_pem)
+                    .certificate(&self.key.0, &self.service, &c.csr_pem, "")
                     .await;
                 match &msg {
                     pb::zone_message::Msg::Certificate(cert) => {
@@ -897,7 +1027,7 @@ impl Session {
             },
             None => None,
         };
-        if full && view_json.is_none() && plan.role != Role::Ingress {
+        if full && view_json.is_none() && matches!(plan.role, Role::Proxy { .. }) {
             // Without a view the proxy would refuse a full update: keep it pending for the
             // next change (a resolve error means a resource the store should not hold).
             self.hub.index().restore(&self.key, self.id, plan.pending);
@@ -914,9 +1044,13 @@ impl Session {
             .iter()
             .filter(|s| {
                 !full
-                    && plan
-                        .sent_services
-                        .contains_key(&(self.key.0.clone(), (*s).clone()))
+                    && if plan.role == Role::Egress {
+                        // An egress's sets are recorded under their own mesh.
+                        plan.sent_services.keys().any(|(_, n)| n == *s)
+                    } else {
+                        plan.sent_services
+                            .contains_key(&(self.key.0.clone(), (*s).clone()))
+                    }
             })
             .cloned()
             .collect();
