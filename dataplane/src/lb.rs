@@ -485,7 +485,10 @@ impl<T: Default> Inner<T> {
                 // Same address, protocol, mTLS and zone: keep the state and its pools (a
                 // zone change changes the SNI, so it gets new connections).
                 let reuse = old.remove(&(ep.address.as_str(), ep.port)).filter(|e| {
-                    e.protocol == svc.protocol && e.mtls == mtls && e.endpoint.zone == ep.zone
+                    e.protocol == svc.protocol
+                        && e.mtls == mtls
+                        && e.endpoint.zone == ep.zone
+                        && e.endpoint.server_identity == ep.server_identity
                 });
                 endpoints.push(match reuse {
                     Some(e) => e.clone(),
@@ -702,8 +705,10 @@ mod tests {
                         zone: "east".into(),
                         tags: Default::default(),
                         weight,
+                        server_identity: String::new(),
                     })
                     .collect(),
+                external: None,
             }],
             removed_services: vec![],
             vips_replace: false,
@@ -838,6 +843,7 @@ mod tests {
                 zone: zone.into(),
                 tags: Default::default(),
                 weight,
+                server_identity: String::new(),
             })
             .collect();
         u

@@ -180,9 +180,14 @@ async fn connect_inner(
         return Ok(Io::Plain(tcp));
     }
     let mesh = ctx.state.view().mesh.clone();
-    let expected = SpiffeId::new(&mesh, service).map_err(|e| {
-        ConnectError::Config(format!("mTLS to service {service} of mesh {mesh}: {e}"))
-    })?;
+    // The service's own identity, unless the zone names another server (the zone egress
+    // of an external service).
+    let expected = match &ep.endpoint.server_identity {
+        Some(id) => id.clone(),
+        None => SpiffeId::new(&mesh, service).map_err(|e| {
+            ConnectError::Config(format!("mTLS to service {service} of mesh {mesh}: {e}"))
+        })?,
+    };
     let sni = match ep.ext.sni.get() {
         Some(sni) => sni.clone(),
         None => {

@@ -114,6 +114,9 @@ pub struct Endpoint {
     pub zone: String,
     pub tags: BTreeMap<String, String>,
     pub weight: u32,
+    /// The identity the server must present when it is not the service's own (the zone
+    /// egress, for a MeshExternalService).
+    pub server_identity: Option<weft_core::pki::SpiffeId>,
 }
 
 impl Endpoint {
@@ -219,6 +222,15 @@ impl State {
                             s.service, e.port
                         )
                     })?;
+                let server_identity = match e.server_identity.as_str() {
+                    "" => None,
+                    id => Some(weft_core::pki::SpiffeId::parse(id).map_err(|err| {
+                        format!(
+                            "services[{}].endpoints[{i}].server_identity: {err}",
+                            s.service
+                        )
+                    })?),
+                };
                 endpoints.push(Endpoint {
                     address: e.address.clone(),
                     port,
@@ -226,6 +238,7 @@ impl State {
                     zone: e.zone.clone(),
                     tags: e.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     weight: e.weight.max(1),
+                    server_identity,
                 });
             }
             services.insert(
@@ -317,8 +330,10 @@ mod tests {
                     zone: "east".into(),
                     tags: Default::default(),
                     weight: 0,
+                    server_identity: String::new(),
                 })
                 .collect(),
+            external: None,
         }
     }
 

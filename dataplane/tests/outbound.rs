@@ -240,8 +240,10 @@ fn service(protocol: &str, endpoints: &[SocketAddr]) -> pb::ServiceEndpoints {
                 zone: "east".into(),
                 tags: Default::default(),
                 weight: 1,
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -786,4 +788,42 @@ async fn mtls_sends_the_endpoints_zone_as_sni() {
         (StatusCode::OK, "west-ingress")
     );
     assert_eq!(*west.snis.lock().unwrap(), ["backend.west.default.weft"]);
+}
+
+#[tokio::test]
+async fn an_endpoint_with_a_server_identity_is_verified_as_that_identity() {
+    let ca = Ca::new(MESH);
+    let egress = Upstream::start_tls("egress", ca.identity("zone-egress.east")).await;
+    let backend = Upstream::start_tls("backend", ca.identity("backend")).await;
+    let via = |addr: SocketAddr| {
+        let mut s = service("http", &[addr]);
+        s.endpoints[0].server_identity = format!("spiffe://{MESH}/zone-egress.east");
+        s
+    };
+    let proxy = Proxy::start_as(
+        full(view(true, false), vec![via(egress.addr)]),
+        ca.identity("web"),
+    )
+    .await;
+    let client = http1();
+    // The zone egress of an external service: verified as the egress, SNI names the service.
+    let a = get(&client, &proxy.url("/")).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "egress"));
+    assert_eq!(*egress.snis.lock().unwrap(), ["backend.east.default.weft"]);
+    // A server that is the service itself, where the egress is expected, is refused.
+    proxy
+        .state
+        .apply(&full(view(true, false), vec![via(backend.addr)]))
+        .unwrap();
+    let a = get(&client, &proxy.url("/")).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    assert_eq!(backend.hits(), 0);
+    // A bad identity is refused by field.
+    let mut bad = via(egress.addr);
+    bad.endpoints[0].server_identity = "not a spiffe id".into();
+    let err = proxy
+        .state
+        .apply(&full(view(true, false), vec![bad]))
+        .unwrap_err();
+    assert!(err.contains("endpoints[0].server_identity"), "{err}");
 }

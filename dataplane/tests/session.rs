@@ -253,8 +253,10 @@ fn endpoints(service: &str, ports: &[u32]) -> pb::ServiceEndpoints {
                 zone: "east".into(),
                 tags: Default::default(),
                 weight: 1,
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -421,6 +423,7 @@ async fn certificate_installed_then_renewed_at_70_percent_of_what_is_left_with_a
         chain_pem: cert.chain_pem.clone(),
         roots_pem: vec![root.cert_pem().to_string()],
         not_after_unix: cert.not_after.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64,
+        ..Default::default()
     }))
     .await;
     let ProxyMsg::CertificateRequest(renewal) = s.recv().await else {
@@ -450,6 +453,7 @@ async fn certificate_installed_then_renewed_at_70_percent_of_what_is_left_with_a
     // The zone cannot issue: the proxy keeps its certificate and asks again soon.
     s.send(ZoneMsg::CertificateError(pb::CertificateError {
         reason: "no intermediate CA for mesh default yet".into(),
+        ..Default::default()
     }))
     .await;
     let asked = Instant::now();
@@ -468,6 +472,7 @@ async fn certificate_installed_then_renewed_at_70_percent_of_what_is_left_with_a
         chain_pem: "not a certificate".into(),
         roots_pem: vec![root.cert_pem().to_string()],
         not_after_unix: 0,
+        ..Default::default()
     }))
     .await;
     let ProxyMsg::CertificateRequest(_) = s.recv().await else {
@@ -855,6 +860,7 @@ async fn with_mtls_the_binary_serves_once_the_certificate_is_installed() {
         chain_pem: cert.chain_pem,
         roots_pem: vec![root.cert_pem().to_string()],
         not_after_unix: cert.not_after.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64,
+        ..Default::default()
     }))
     .await;
     while get(dp.admin, "/ready").await.map(|r| r.0) != Some(200) {

@@ -55,6 +55,7 @@ fn endpoint(addr: SocketAddr, zone: &str, weight: u32) -> pb::Endpoint {
         zone: zone.into(),
         tags: Default::default(),
         weight,
+        ..Default::default()
     }
 }
 
@@ -64,6 +65,7 @@ fn service(name: &str, protocol: &str, endpoints: Vec<pb::Endpoint>) -> pb::Serv
         mesh: String::new(),
         protocol: protocol.into(),
         endpoints,
+        ..Default::default()
     }
 }
 
