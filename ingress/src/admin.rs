@@ -26,6 +26,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub session: Arc<session::Status>,
     pub draining: CancellationToken,
+    /// Egress mode: the per-mesh certificates (shown in `/config`).
+    pub certs: Option<Arc<crate::egress::Certs>>,
 }
 
 impl Admin {
@@ -49,7 +51,14 @@ impl Admin {
             .map(|s| serde_json::to_value(&**s).unwrap_or(Value::Null))
             .collect();
         let (acks, nacks) = self.session.answers();
+        let certificates: Vec<Value> = self
+            .certs
+            .iter()
+            .flat_map(|c| c.summary())
+            .map(|(mesh, id, not_after)| json!({"mesh": mesh, "identity": id, "notAfterUnix": not_after}))
+            .collect();
         json!({
+            "certificates": certificates,
             "name": self.name,
             "zone": table.zone,
             "connected": self.session.connected(),
@@ -120,6 +129,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             session: Arc::new(session::Status::default()),
             draining: CancellationToken::new(),
+            certs: None,
         };
         assert_eq!(
             admin.ready().unwrap_err(),

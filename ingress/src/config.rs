@@ -39,13 +39,13 @@ pub enum Command {
 pub enum Mode {
     /// Zone ingress: other zones' proxies connect here; routed by SNI to local services.
     Ingress,
-    /// Zone egress (not implemented yet).
+    /// Zone egress: this zone's proxies reach MeshExternalServices through it.
     Egress,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// What to run: a zone ingress (egress is not implemented yet).
+    /// What to run: a zone ingress, or a zone egress.
     #[arg(long, env = "WEFT_INGRESS_MODE", value_enum, default_value_t = Mode::Ingress)]
     pub mode: Mode,
     /// The zone's data-plane API, e.g. https://zone.internal:5683.
@@ -55,15 +55,16 @@ pub struct RunArgs {
     /// (`<zone data dir>/dataplane-ca.pem`).
     #[arg(long, env = "WEFT_INGRESS_ZONE_CA_FILE")]
     pub zone_ca_file: PathBuf,
-    /// A zone token with scope ingress (`weftctl generate zone-token --zone Z --scope
-    /// ingress`); read again at every connection, so it can be rotated in place.
+    /// A zone token with scope ingress, or egress with --mode egress (`weftctl generate
+    /// zone-token --zone Z --scope ingress|egress`); read again at every connection, so it
+    /// can be rotated in place.
     #[arg(long, env = "WEFT_INGRESS_TOKEN_FILE")]
     pub token_file: PathBuf,
-    /// The ZoneIngress resource's name.
+    /// The ZoneIngress (ZoneEgress) resource's name.
     #[arg(long, env = "WEFT_INGRESS_NAME")]
     pub name: String,
-    /// Where other zones' connections are accepted, IP:PORT (also the ZoneIngress's
-    /// networking.address and networking.port).
+    /// Where other zones' connections (egress: this zone's proxies') are accepted, IP:PORT
+    /// (also the resource's networking.address and networking.port).
     #[arg(long, env = "WEFT_INGRESS_ADDRESS")]
     pub address: SocketAddr,
     /// The address other zones dial when --address is not reachable from them (e.g. a load
@@ -73,6 +74,11 @@ pub struct RunArgs {
     /// The port other zones dial with --advertised-address.
     #[arg(long, env = "WEFT_INGRESS_ADVERTISED_PORT")]
     pub advertised_port: Option<u16>,
+    /// Egress: the CA certificates external services' TLS certificates are verified
+    /// against, PEM (MeshExternalService tls.verification.mode Secured or SkipSAN); the
+    /// system bundle by default (SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, env = "WEFT_INGRESS_EXTERNAL_CA_FILE")]
+    pub external_ca_file: Option<PathBuf>,
     /// Where `/ready`, `/config` and `/metrics` are served.
     #[arg(long, env = "WEFT_INGRESS_ADMIN_ADDRESS", default_value_t = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
@@ -105,6 +111,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Everything `run` needs, read and checked.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub mode: Mode,
+    /// Egress: the external CA certificates, PEM.
+    pub external_ca_pem: Option<String>,
     pub zone_address: String,
     pub zone_ca_pem: String,
     pub token_file: PathBuf,
@@ -123,15 +132,15 @@ impl Config {
     /// Read the files the flags name and validate everything. Errors name the flag and the
     /// fix.
     pub fn load(args: RunArgs) -> anyhow::Result<Config> {
-        anyhow::ensure!(
-            args.mode == Mode::Ingress,
-            "--mode egress: the zone egress is not implemented yet (run --mode ingress)"
-        );
+        let scope = match args.mode {
+            Mode::Ingress => "ingress",
+            Mode::Egress => "egress",
+        };
         let token = std::fs::read_to_string(&args.token_file)
             .with_context(|| format!("--token-file {}", args.token_file.display()))?;
         anyhow::ensure!(
             !token.trim().is_empty(),
-            "--token-file {}: the file is empty (put the token from `weftctl generate zone-token --zone Z --scope ingress` in it)",
+            "--token-file {}: the file is empty (put the token from `weftctl generate zone-token --zone Z --scope {scope}` in it)",
             args.token_file.display()
         );
         let zone_ca_pem = std::fs::read_to_string(&args.zone_ca_file)
@@ -139,13 +148,44 @@ impl Config {
         check_ca(&zone_ca_pem)
             .with_context(|| format!("--zone-ca-file {}", args.zone_ca_file.display()))?;
         crate::session::check_address(&args.zone_address)?;
-        let resource = resource(
-            &args.name,
-            args.address,
-            args.advertised_address.as_deref(),
-            args.advertised_port,
-        )?;
+        let (resource, external_ca_pem) = match args.mode {
+            Mode::Ingress => {
+                anyhow::ensure!(
+                    args.external_ca_file.is_none(),
+                    "--external-ca-file: only for --mode egress (remove it)"
+                );
+                let r = resource(
+                    &args.name,
+                    args.address,
+                    args.advertised_address.as_deref(),
+                    args.advertised_port,
+                )?;
+                (r, None)
+            }
+            Mode::Egress => {
+                anyhow::ensure!(
+                    args.advertised_address.is_none() && args.advertised_port.is_none(),
+                    "--advertised-address/--advertised-port: only for --mode ingress (an egress is dialed by its own zone's proxies at --address)"
+                );
+                let path = args.external_ca_file.clone().unwrap_or_else(|| {
+                    std::env::var_os("SSL_CERT_FILE")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))
+                });
+                let pem = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "--external-ca-file {} (the CA certificates external services are verified against; give one with --external-ca-file)",
+                        path.display()
+                    )
+                })?;
+                crate::egress::external_roots(&pem)
+                    .with_context(|| format!("--external-ca-file {}", path.display()))?;
+                (egress_resource(&args.name, args.address)?, Some(pem))
+            }
+        };
         Ok(Config {
+            mode: args.mode,
+            external_ca_pem,
             zone_address: args.zone_address,
             zone_ca_pem,
             token_file: args.token_file,
@@ -211,6 +251,28 @@ pub fn resource(
     Ok(text)
 }
 
+/// The ZoneEgress document for these flags, as JSON, validated with `weft_core`.
+pub fn egress_resource(name: &str, address: SocketAddr) -> anyhow::Result<String> {
+    let doc = json!({
+        "type": "ZoneEgress",
+        "name": name,
+        "spec": {"networking": {"address": address.ip().to_string(), "port": address.port()}},
+    });
+    let text = doc.to_string();
+    let parsed = weft_core::document::parse(&text).map_err(|e| {
+        let msg = e
+            .to_string()
+            .replace("spec.networking.address", "--address")
+            .replace("spec.networking.port", "--address (port)");
+        anyhow::anyhow!("the ZoneEgress these flags describe is invalid: {msg}")
+    })?;
+    anyhow::ensure!(
+        parsed.len() == 1 && parsed[0].kind == Kind::ZoneEgress,
+        "internal: the ZoneEgress document did not parse back as one ZoneEgress"
+    );
+    Ok(text)
+}
+
 /// At least one readable PEM certificate.
 fn check_ca(pem: &str) -> anyhow::Result<()> {
     use rustls_pki_types::CertificateDer;
@@ -267,12 +329,25 @@ mod tests {
     }
 
     #[test]
-    fn egress_is_not_implemented_yet() {
-        let err = Config::load(args(&["--mode", "egress"]).unwrap())
+    fn egress_flags() {
+        let a = args(&[
+            "--mode",
+            "egress",
+            "--advertised-address",
+            "lb",
+            "--advertised-port",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(a.mode, Mode::Egress);
+        let text = egress_resource("egress-1", "10.0.0.9:10002".parse().unwrap()).unwrap();
+        let r = weft_core::document::parse(&text).unwrap().remove(0);
+        assert_eq!(r.kind, Kind::ZoneEgress);
+        assert_eq!(r.spec["networking"]["port"], 10002);
+        let err = egress_resource("Bad_Name", "10.0.0.9:1".parse().unwrap())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--mode egress"), "{err}");
-        assert!(err.contains("not implemented yet"), "{err}");
+        assert!(err.contains("name"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod egress;
 pub mod hello;
 pub mod metrics;
 pub mod proxy;
@@ -47,10 +48,30 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(metrics::Metrics::new());
+    let egress_mode = cfg.mode == config::Mode::Egress;
+    let metrics = Arc::new(if egress_mode {
+        metrics::Metrics::with_prefix("weft_egress")
+    } else {
+        metrics::Metrics::new()
+    });
     let routes = table::Routes::new();
     let ctx = proxy::Context::new(routes.clone(), metrics.clone());
-    let client = session::Client::new(session::Config::new(&cfg), routes.clone(), metrics.clone());
+    let certs = Arc::new(egress::Certs::default());
+    let mut client =
+        session::Client::new(session::Config::new(&cfg), routes.clone(), metrics.clone());
+    let egress_ctx = match &cfg.external_ca_pem {
+        Some(pem) if egress_mode => {
+            client = client.with_certs(certs.clone());
+            let upstream = egress::Upstream::new(egress::external_roots(pem)?)?;
+            Some(egress::Context {
+                base: ctx.clone(),
+                certs: certs.clone(),
+                upstream: Arc::new(upstream),
+            })
+        }
+        _ if egress_mode => anyhow::bail!("--mode egress: no external CA certificates loaded"),
+        _ => None,
+    };
     let status = client.status();
     // Ends the admin endpoint and the session when this function returns.
     let stop = CancellationToken::new();
@@ -62,6 +83,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         session: status.clone(),
         draining: ctx.draining.clone(),
+        certs: egress_mode.then(|| certs.clone()),
     });
     tracing::info!(address = ?admin_listener.local_addr().ok(), "admin endpoint listening");
     let mut admin_task = tokio::spawn(
@@ -91,9 +113,14 @@ pub async fn serve(
     }
 
     let address = traffic.local_addr().ok();
-    let mut listener_task = tokio::spawn(
-        proxy::serve(traffic, ctx.clone()).instrument(tracing::info_span!("listener")),
-    );
+    let mut listener_task = match egress_ctx {
+        Some(ectx) => tokio::spawn(
+            egress::serve(traffic, ectx).instrument(tracing::info_span!("egress-listener")),
+        ),
+        None => tokio::spawn(
+            proxy::serve(traffic, ctx.clone()).instrument(tracing::info_span!("listener")),
+        ),
+    };
     tracing::info!(address = ?address, zone = %routes.current().zone, "routing");
 
     tokio::select! {

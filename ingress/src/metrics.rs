@@ -43,10 +43,17 @@ pub enum Reason {
     Timeout,
     /// The client closed (or reset) before its ClientHello was complete.
     EarlyClose,
+    /// Egress: MeshTrafficPermission denies the caller (also counted when an open
+    /// connection is cut after a permission change).
+    Denied,
+    /// Egress: no certificate for the SNI's mesh yet.
+    NoCertificate,
+    /// Egress: the TLS handshake with the caller failed (e.g. no valid client certificate).
+    Handshake,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Plaintext,
         Reason::NoSni,
         Reason::BadSni,
@@ -56,6 +63,9 @@ impl Reason {
         Reason::BadTls,
         Reason::Timeout,
         Reason::EarlyClose,
+        Reason::Denied,
+        Reason::NoCertificate,
+        Reason::Handshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +79,9 @@ impl Reason {
             Reason::BadTls => "bad_tls",
             Reason::Timeout => "timeout",
             Reason::EarlyClose => "early_close",
+            Reason::Denied => "denied",
+            Reason::NoCertificate => "no_certificate",
+            Reason::Handshake => "handshake",
         }
     }
 }
@@ -139,7 +152,12 @@ impl Drop for ActiveGuard {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("weft_ingress");
+        Metrics::with_prefix("weft_ingress")
+    }
+
+    /// `weft_ingress` or, for the egress, `weft_egress`.
+    pub fn with_prefix(prefix: &str) -> Metrics {
+        let mut registry = Registry::with_prefix(prefix);
         let connections = Family::<ServiceLabels, Counter>::default();
         let active = Family::<ServiceLabels, Gauge>::default();
         let bytes = Family::<BytesLabels, Counter>::default();

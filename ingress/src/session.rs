@@ -236,6 +236,8 @@ pub struct Client {
     routes: Routes,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
+    /// Egress mode: the per-mesh certificates this session asks for and installs.
+    certs: Option<Arc<crate::egress::Certs>>,
 }
 
 impl Client {
@@ -245,7 +247,38 @@ impl Client {
             routes,
             metrics,
             status: Arc::new(Status::default()),
+            certs: None,
         }
+    }
+
+    /// Egress mode: ask for a certificate for every mesh in the table (and renew them),
+    /// installing the answers into `certs`.
+    pub fn with_certs(mut self, certs: Arc<crate::egress::Certs>) -> Client {
+        self.certs = Some(certs);
+        self
+    }
+
+    /// Egress: send a CSR for every mesh of the table whose certificate is missing or due.
+    async fn request_certs(&self, tx: &mpsc::Sender<pb::ProxyMessage>) -> Result<(), Ended> {
+        let Some(certs) = &self.certs else {
+            return Ok(());
+        };
+        let Some(zone) = self.status.progress().registered.map(|r| r.zone) else {
+            return Ok(());
+        };
+        let table = self.routes.current();
+        let meshes: std::collections::BTreeSet<&str> =
+            table.services.keys().map(|k| k.mesh.as_str()).collect();
+        let identity = weft_core::names::egress_identity(&zone);
+        for (mesh, csr_pem) in certs.requests(meshes, &identity) {
+            tracing::debug!(%mesh, "certificate requested");
+            send(
+                tx,
+                ProxyMsg::CertificateRequest(pb::CertificateRequest { csr_pem, mesh }),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> Arc<Status> {
@@ -384,9 +417,16 @@ impl Client {
                 r.map_err(Ended::Status)?.into_inner()
             }
         };
+        // Egress: certificates are asked for after updates, and checked every second
+        // (renewal, unanswered or refused requests).
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick(), if self.certs.is_some() && *registered => {
+                    self.request_certs(&tx).await?;
+                }
                 msg = incoming.message() => match msg {
                     Ok(Some(pb::ZoneMessage { msg: Some(m) })) => self.handle(m, &tx, registered).await?,
                     Ok(Some(pb::ZoneMessage { msg: None })) => {
@@ -450,6 +490,7 @@ impl Client {
                     }
                     self.status.update(|p| p.has_table = true);
                     send(tx, ProxyMsg::Ack(ack)).await?;
+                    self.request_certs(tx).await?;
                 }
                 pb::ProxyMessage { msg } => {
                     self.status.nacks.fetch_add(1, Ordering::Relaxed);
@@ -462,6 +503,24 @@ impl Client {
                     }
                 }
             },
+            ZoneMsg::Certificate(c) if self.certs.is_some() => {
+                let certs = self.certs.as_ref().expect("guarded");
+                match certs.install(&c.mesh, &c.chain_pem, &c.roots_pem, c.not_after_unix) {
+                    Ok(cert) => tracing::info!(
+                        mesh = %c.mesh, identity = %cert.id, not_after = c.not_after_unix,
+                        "certificate installed"
+                    ),
+                    Err(e) => {
+                        certs.refused(&c.mesh);
+                        tracing::warn!(mesh = %c.mesh, error = %format!("{e:#}"), "the zone's certificate is unusable; asking again later");
+                    }
+                }
+            }
+            ZoneMsg::CertificateError(e) if self.certs.is_some() => {
+                let certs = self.certs.as_ref().expect("guarded");
+                certs.refused(&e.mesh);
+                tracing::warn!(mesh = %e.mesh, reason = %e.reason, "the zone issued no certificate; asking again later (connections of that mesh are refused meanwhile)");
+            }
             ZoneMsg::Certificate(_) | ZoneMsg::CertificateError(_) => {
                 tracing::debug!(
                     "certificate message from the zone: an ingress holds no key; ignored"
@@ -507,6 +566,7 @@ mod tests {
                 port,
                 ..Default::default()
             }],
+            external: None,
         }
     }
 

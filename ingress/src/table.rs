@@ -45,9 +45,38 @@ pub struct Service {
     /// What the zone says the service speaks (informational: the ingress passes bytes).
     pub protocol: String,
     pub endpoints: Vec<Endpoint>,
+    /// A zone egress's MeshExternalService: how to reach the endpoints and who may.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
     /// Round-robin position; a new set (after an update) starts again at 0.
     #[serde(skip)]
     next: AtomicUsize,
+}
+
+/// What the zone says about a MeshExternalService (egress mode).
+#[derive(Debug, Serialize)]
+pub struct External {
+    /// Originate TLS to the endpoints.
+    pub tls: bool,
+    /// SNI and the name to verify; the endpoint's address when empty.
+    pub server_name: String,
+    pub verification: Verification,
+    /// The MeshTrafficPermission rules that apply (`allows` decides per caller).
+    pub permissions: weft_core::policy::InboundView,
+    /// Deny callers no rule allows.
+    pub default_deny: bool,
+}
+
+/// How the external server's certificate is checked (MeshExternalService
+/// `tls.verification.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Verification {
+    /// Chain to a trusted root and the name.
+    Secured,
+    /// Chain only.
+    SkipSan,
+    /// Nothing (SkipCA is treated as this: see docs/cross-zone.md).
+    SkipAll,
 }
 
 impl Service {
@@ -57,6 +86,7 @@ impl Service {
             service: service.to_string(),
             protocol: protocol.to_string(),
             endpoints,
+            external: None,
             next: AtomicUsize::new(0),
         }
     }
@@ -161,10 +191,38 @@ impl Table {
                     dataplane: e.dataplane.clone(),
                 });
             }
-            services.insert(
-                key,
-                Arc::new(Service::new(&s.mesh, &s.service, &s.protocol, endpoints)),
-            );
+            let mut service = Service::new(&s.mesh, &s.service, &s.protocol, endpoints);
+            if let Some(x) = &s.external {
+                let permissions = if x.permissions_json.is_empty() {
+                    weft_core::policy::InboundView::default()
+                } else {
+                    serde_json::from_str(&x.permissions_json)
+                        .map_err(|e| format!("{at}.external.permissions_json: {e}"))?
+                };
+                let verification = match x.verification_mode.as_str() {
+                    "" | "Secured" => Verification::Secured,
+                    "SkipSAN" => Verification::SkipSan,
+                    "SkipCA" | "SkipAll" => Verification::SkipAll,
+                    other => {
+                        return Err(format!(
+                            "{at}.external.verification_mode: {other:?} (expected Secured, SkipSAN, SkipCA or SkipAll)"
+                        ));
+                    }
+                };
+                if !x.server_name.is_empty() {
+                    rustls_pki_types::ServerName::try_from(x.server_name.as_str()).map_err(
+                        |e| format!("{at}.external.server_name: {:?}: {e}", x.server_name),
+                    )?;
+                }
+                service.external = Some(External {
+                    tls: x.tls,
+                    server_name: x.server_name.clone(),
+                    verification,
+                    permissions,
+                    default_deny: x.default_deny,
+                });
+            }
+            services.insert(key, Arc::new(service));
         }
         Ok(Table {
             zone: self.zone.clone(),
@@ -269,6 +327,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            external: None,
         }
     }
 

@@ -51,10 +51,32 @@ fn wrong_flags_exit_with_one_clear_line() {
         args.extend_from_slice(extra);
         ingress(&args)
     };
-    let (ok, _, stderr) = run(&[ca, "--mode", "egress"]);
+    let good_ca = dir.path().join("good-ca.pem");
+    std::fs::write(
+        &good_ca,
+        rcgen::generate_simple_self_signed(vec!["ca".into()])
+            .unwrap()
+            .cert
+            .pem(),
+    )
+    .unwrap();
+    let good_ca = good_ca.to_str().unwrap();
+    let (ok, _, stderr) = run(&[
+        good_ca,
+        "--mode",
+        "egress",
+        "--external-ca-file",
+        "/nonexistent/roots.pem",
+    ]);
     assert!(!ok);
     assert!(
-        stderr.contains("--mode egress: the zone egress is not implemented yet"),
+        stderr.contains("--external-ca-file /nonexistent/roots.pem"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&[good_ca, "--external-ca-file", good_ca]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--external-ca-file: only for --mode egress"),
         "{stderr}"
     );
     let (ok, _, stderr) = run(&[ca]);

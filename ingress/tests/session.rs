@@ -165,6 +165,8 @@ async fn start_ingress(zone: &Zone) -> Running {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (traffic_addr, admin_addr) = (traffic.local_addr().unwrap(), admin.local_addr().unwrap());
     let cfg = Config {
+        mode: weft_ingress::config::Mode::Ingress,
+        external_ca_pem: None,
         zone_address: format!("https://127.0.0.1:{}", zone.addr.port()),
         zone_ca_pem: zone.ca_pem.clone(),
         token_file,

@@ -194,6 +194,7 @@ pub fn service(mesh: &str, name: &str, endpoints: Vec<pb::Endpoint>) -> pb::Serv
         mesh: mesh.into(),
         protocol: "tcp".into(),
         endpoints,
+        external: None,
     }
 }
 
@@ -251,6 +252,7 @@ impl Ingress {
             metrics,
             session: Arc::new(session::Status::default()),
             draining: ctx.draining.clone(),
+            certs: None,
         });
         tokio::spawn(admin::serve(admin_listener, a, stop.clone()));
         Ingress {
