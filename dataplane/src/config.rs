@@ -33,8 +33,44 @@ pub struct Cli {
 pub enum Command {
     /// Register with the zone and proxy the application's traffic.
     Run(Box<RunArgs>),
+    /// Print the iptables commands of transparent mode (nat table, OUTPUT chain), one per line;
+    /// run them as root in the application's network namespace, e.g. `| sh -e`.
+    TransparentRules(RulesArgs),
     /// Print weft-dp's version.
     Version,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RulesArgs {
+    /// The proxy's --transparent-outbound-port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: u16,
+    /// The zone's --vip-cidr: TCP connections to it are redirected to the proxy.
+    #[arg(long, default_value = "127.240.0.0/12")]
+    pub vip_cidr: String,
+    /// Redirect every DNS query (UDP and TCP port 53) to the proxy's --dns-address port on
+    /// 127.0.0.1; needs --uid.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub dns_port: Option<u16>,
+    /// The user weft-dp runs as: its own connections are never redirected.
+    #[arg(long)]
+    pub uid: Option<u32>,
+}
+
+impl RulesArgs {
+    /// The commands, or an error naming the flag.
+    pub fn commands(&self) -> anyhow::Result<Vec<String>> {
+        let vip_cidr = crate::transparent::parse_cidr(&self.vip_cidr)
+            .map_err(|e| anyhow::anyhow!("--vip-cidr: {e}"))?;
+        crate::transparent::Rules {
+            outbound_port: self.outbound_port,
+            vip_cidr,
+            dns_port: self.dns_port,
+            uid: self.uid,
+        }
+        .commands()
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +122,12 @@ pub struct RunArgs {
     /// Off by default: several proxies on one host would collide.
     #[arg(long, env = "WEFT_DP_BIND_VIPS")]
     pub bind_vips: bool,
+    /// Transparent mode: accept on 127.0.0.1:PORT the connections iptables redirects from the
+    /// mesh's VIPs (`weft-dp transparent-rules` prints the rules) and send each to the VIP's
+    /// service. Off by default.
+    #[arg(long, env = "WEFT_DP_TRANSPARENT_OUTBOUND_PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub transparent_outbound_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,6 +171,8 @@ pub struct Config {
     pub dns: Option<crate::dns::Config>,
     /// `--bind-vips`: an outbound listener on every VIP:port.
     pub bind_vips: bool,
+    /// `--transparent-outbound-port`: the listener iptables redirects to.
+    pub transparent: Option<crate::transparent::Config>,
 }
 
 /// The first `nameserver` of a resolv.conf, port 53.
@@ -227,12 +271,15 @@ impl Config {
             log_format: args.log_format,
             dns,
             bind_vips: args.bind_vips,
+            transparent: args
+                .transparent_outbound_port
+                .map(crate::transparent::Config::new),
         })
     }
 
     /// Whether the zone should send the VIP table and every service's endpoints.
     pub fn virtual_outbounds(&self) -> bool {
-        self.dns.is_some() || self.bind_vips
+        self.dns.is_some() || self.bind_vips || self.transparent.is_some()
     }
 }
 
@@ -494,5 +541,43 @@ spec:
         assert!(err.contains("--dns-upstream"), "{err}");
         let args = parse(&["--bind-vips"]);
         assert!(args.bind_vips);
+        let args = parse(&["--transparent-outbound-port", "15001"]);
+        assert_eq!(args.transparent_outbound_port, Some(15001));
+    }
+
+    #[test]
+    fn transparent_rules_flags() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["weft-dp", "transparent-rules"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::TransparentRules(args)) => Ok(args),
+                Ok(other) => panic!("transparent-rules expected, got {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let cmds = parse(&["--outbound-port", "15001"])
+            .unwrap()
+            .commands()
+            .unwrap();
+        assert!(
+            cmds.iter()
+                .any(|c| c.ends_with("-p tcp -d 127.240.0.0/12 -j REDIRECT --to-ports 15001")),
+            "{cmds:?}"
+        );
+        let err = parse(&["--outbound-port", "15001", "--vip-cidr", "240.0.0.0"])
+            .unwrap()
+            .commands()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--vip-cidr: "), "{err}");
+        let err = parse(&["--outbound-port", "15001", "--dns-port", "15053"])
+            .unwrap()
+            .commands()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--uid"), "{err}");
+        assert!(parse(&[]).is_err(), "--outbound-port is required");
+        assert!(parse(&["--outbound-port", "0"]).is_err());
     }
 }

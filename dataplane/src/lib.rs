@@ -8,7 +8,8 @@
 //! Session side: [`config`] (flags), [`client`] (the zone session, certificates), [`admin`]
 //! (`/ready`, `/config`, `/metrics`), `main.rs`. Traffic side: [`tls`], [`inbound`],
 //! [`outbound`], [`lb`], [`metrics`], [`dns`] (the embedded resolver of mesh names) and
-//! [`vips`] (outbound listeners on the mesh's VIPs); [`memory`] trims the heap after bursts. [`state`] is the contract between the two.
+//! [`vips`] (outbound listeners on the mesh's VIPs), [`transparent`] (the listener iptables
+//! redirects the VIPs to); [`memory`] trims the heap after bursts. [`state`] is the contract between the two.
 
 pub mod admin;
 pub mod client;
@@ -21,4 +22,5 @@ pub mod metrics;
 pub mod outbound;
 pub mod state;
 pub mod tls;
+pub mod transparent;
 pub mod vips;

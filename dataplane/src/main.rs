@@ -17,13 +17,25 @@ use weft_dp::admin::{self, Admin};
 use weft_dp::client;
 use weft_dp::config::{Cli, Command, Config, LogFormat};
 use weft_dp::state::{Context, Labels, State};
-use weft_dp::{dns, inbound, memory, metrics, outbound, tls, vips};
+use weft_dp::{dns, inbound, memory, metrics, outbound, tls, transparent, vips};
 
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Version => {
             println!("weft-dp {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
+        }
+        Command::TransparentRules(args) => {
+            return match args.commands() {
+                Ok(cmds) => {
+                    println!("{}", cmds.join("\n"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weft-dp: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Run(args) => *args,
     };
@@ -199,12 +211,24 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 .instrument(tracing::info_span!("vips")),
         );
     }
+    if let Some(t) = cfg.transparent {
+        let field = format!("--transparent-outbound-port {}", t.address.port());
+        let listener = TcpListener::bind(t.address)
+            .await
+            .with_context(|| format!("{field}: binding {}", t.address))?;
+        let ctx = ctx.clone();
+        listeners.spawn(
+            async move { (field, transparent::run(listener, ctx).await) }
+                .instrument(tracing::info_span!("transparent")),
+        );
+    }
     admin.set_listening();
     tracing::info!(
         inbounds = dp.spec.networking.inbound.len(),
         outbounds = dp.spec.networking.outbound.len(),
         dns = ?cfg.dns.as_ref().map(|d| d.address),
         bind_vips = cfg.bind_vips,
+        transparent = ?cfg.transparent.map(|t| t.address),
         "serving"
     );
 

@@ -21,7 +21,9 @@
 //! - `certificate_expiry_timestamp_seconds`: the workload certificate's `notAfter`;
 //! - `dns_queries_total{result}` (`vip`, `nodata`, `nxdomain`, `forwarded`, `servfail`,
 //!   `formerr`): the embedded DNS server's answers (`--dns-address`);
-//! - `vip_listeners`, `vip_bind_failures_total`: VIP outbound listeners (`--bind-vips`).
+//! - `vip_listeners`, `vip_bind_failures_total`: VIP outbound listeners (`--bind-vips`);
+//! - `transparent_connections_total{result}` (`vip`, `unknown`, `not_redirected`, `failed`):
+//!   connections redirected to the transparent outbound (`--transparent-outbound-port`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -121,6 +123,7 @@ struct Families {
     dns: Family<ResultLabels, Counter>,
     vip_listeners: Gauge,
     vip_bind_failures: Counter,
+    transparent: Family<ResultLabels, Counter>,
 }
 
 pub struct Metrics {
@@ -146,6 +149,7 @@ impl Metrics {
                 dns: Family::default(),
                 vip_listeners: Gauge::default(),
                 vip_bind_failures: Counter::default(),
+                transparent: Family::default(),
             },
             handshakes: Default::default(),
             services: Default::default(),
@@ -214,6 +218,16 @@ impl Metrics {
         self.families.vip_bind_failures.inc();
     }
 
+    /// One connection taken by the transparent outbound: handed to a VIP's outbound (`vip`),
+    /// closed for an original destination that is no VIP:port (`unknown`) or for none
+    /// (`not_redirected`), or not handed over (`failed`).
+    pub fn transparent_connection(&self, result: &'static str) {
+        self.families
+            .transparent
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     /// The Prometheus text exposition of everything, including `identity`'s certificate
     /// expiry.
     pub fn render(&self, identity: &Identity) -> String {
@@ -268,6 +282,11 @@ impl Metrics {
             "vip_bind_failures",
             "VIP outbound listeners that could not bind",
             f.vip_bind_failures,
+        );
+        r.register(
+            "transparent_connections",
+            "Connections redirected to the transparent outbound, by result",
+            f.transparent,
         );
         if let Some(status) = identity.status() {
             let expiry: Gauge = Gauge::default();
