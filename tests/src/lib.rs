@@ -6,6 +6,7 @@ pub mod api;
 pub mod dp;
 pub mod fixtures;
 pub mod ingress;
+pub mod netns;
 pub mod proxy;
 pub mod zone;
 
