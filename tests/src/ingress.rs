@@ -26,6 +26,18 @@ impl Ingress {
     /// Issue an ingress-scoped zone token for `zone` on `g` and start ingress `name` on a free
     /// loopback port; waits for `/ready`.
     pub async fn start(g: &Global, zone: &Zone, name: &str) -> anyhow::Result<Ingress> {
+        Ingress::start_mode(g, zone, name, "ingress", &[]).await
+    }
+
+    /// Start `weft-ingress --mode <mode>` (`ingress` or `egress`, which is also the zone
+    /// token's scope) with `extra` flags; waits for `/ready`.
+    pub async fn start_mode(
+        g: &Global,
+        zone: &Zone,
+        name: &str,
+        mode: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Ingress> {
         let dir = tempfile::tempdir()?;
         let token = ok(g.weftctl(&[
             "generate",
@@ -33,17 +45,17 @@ impl Ingress {
             "--zone",
             &zone.name,
             "--scope",
-            "ingress",
+            mode,
             "--valid-for",
             "24h",
         ]));
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, token.trim())?;
         let (port, admin_port) = (free_port(), free_port());
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             "--mode".into(),
-            "ingress".into(),
+            mode.into(),
             "--zone-address".into(),
             format!("https://{}", zone.dataplane_address()),
             "--zone-ca-file".into(),
@@ -57,9 +69,10 @@ impl Ingress {
             "--admin-address".into(),
             format!("127.0.0.1:{admin_port}"),
         ];
+        args.extend(extra.iter().cloned());
         let mut ing = Ingress {
             proc: Proc::new(
-                format!("weft-ingress {name}"),
+                format!("weft-ingress --mode {mode} {name}"),
                 dir.path().join("ingress.log"),
             ),
             name: name.to_string(),

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod dp;
+pub mod egress;
 pub mod fixtures;
 pub mod ingress;
 pub mod netns;
