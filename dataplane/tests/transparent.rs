@@ -53,6 +53,7 @@ fn endpoint(addr: SocketAddr, zone: &str) -> pb::Endpoint {
         zone: zone.into(),
         tags: Default::default(),
         weight: 1,
+        ..Default::default()
     }
 }
 
