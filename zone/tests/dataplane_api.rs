@@ -1393,3 +1393,141 @@ async fn virtual_outbounds_get_every_service_and_stable_vips() {
     .await;
     assert_eq!(vip_map(&again.vips), table, "VIPs changed across a restart");
 }
+
+fn egress_hello(token: String, name: &str) -> pb::Hello {
+    pb::Hello {
+        token,
+        dataplane: json!({"type": "ZoneEgress", "name": name,
+            "spec": {"networking": {"address": "10.0.0.8", "port": 10002}}})
+        .to_string(),
+        version: "egress-test".into(),
+        has_config: false,
+        virtual_outbounds: false,
+    }
+}
+
+#[tokio::test]
+async fn an_egress_gets_external_services_and_a_certificate_per_mesh() {
+    let z = start(Opts::default()).await;
+    let ext = Resource::new(
+        Kind::MeshExternalService,
+        Some("default"),
+        "httpbin",
+        global_labels(),
+        json!({"match": {"type": "HostnameGenerator", "port": 80, "protocol": "http"},
+               "endpoints": [{"address": "httpbin.org", "port": 443}], "tls": {"enabled": true}}),
+    )
+    .unwrap();
+    z.store.apply(vec![ext], false).await.unwrap();
+    let (mut web, _) = z
+        .register(
+            &mk_dataplane("default", "web-1", "web", 8080, &["httpbin"]),
+            false,
+        )
+        .await;
+    let full = web.update().await;
+    assert!(
+        services(&full)["httpbin"].endpoints.is_empty(),
+        "no egress yet"
+    );
+
+    // Refused: an ingress token.
+    let s = z
+        .refused(egress_hello(
+            zone_token(&z, "east", Scope::Ingress),
+            "egress-1",
+        ))
+        .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("not egress"), "{s:?}");
+
+    let mut eg = z
+        .open(pb::proxy_message::Msg::Hello(egress_hello(
+            zone_token(&z, "east", Scope::Egress),
+            "egress-1",
+        )))
+        .await
+        .unwrap();
+    match eg.next().await {
+        pb::zone_message::Msg::Registered(r) => {
+            assert_eq!((r.zone.as_str(), r.mesh.as_str()), ("east", ""))
+        }
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    let full = eg.update().await;
+    assert_eq!(full.services.len(), 1);
+    let s = &full.services[0];
+    assert_eq!(
+        (s.mesh.as_str(), s.service.as_str()),
+        ("default", "httpbin")
+    );
+    assert_eq!(s.endpoints[0].address, "httpbin.org");
+    assert!(s.external.as_ref().unwrap().tls);
+    let stored = z
+        .store
+        .get(&key(Kind::ZoneEgress, None, "egress-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.spec["zone"], "east");
+
+    // The proxy now reaches httpbin through the egress, verified as the egress (an update
+    // for the external service's own arrival in the index may come first).
+    let mut delta = web.update().await;
+    while services(&delta)
+        .get("httpbin")
+        .is_none_or(|s| s.endpoints.is_empty())
+    {
+        delta = web.update().await;
+    }
+    let eps = &services(&delta)["httpbin"].endpoints;
+    assert_eq!(eps.len(), 1);
+    assert_eq!((eps[0].address.as_str(), eps[0].port), ("10.0.0.8", 10002));
+    assert_eq!(eps[0].server_identity, "spiffe://default/zone-egress.east");
+
+    // A certificate per mesh, as the egress of this zone; none for a mesh without mTLS.
+    let k = pki::new_key().unwrap();
+    let csr = pki::workload_csr("default", "anything", &k).unwrap();
+    eg.send(pb::proxy_message::Msg::CertificateRequest(
+        pb::CertificateRequest {
+            csr_pem: csr.clone(),
+            mesh: "default".into(),
+        },
+    ))
+    .await;
+    let cert = match eg.next().await {
+        pb::zone_message::Msg::Certificate(c) => c,
+        other => panic!("expected a Certificate, got {other:?}"),
+    };
+    assert_eq!(cert.mesh, "default");
+    let id =
+        pki::verify_workload_pem(&cert.chain_pem, &cert.roots_pem[0], SystemTime::now()).unwrap();
+    assert_eq!(id.to_string(), "spiffe://default/zone-egress.east");
+    eg.send(pb::proxy_message::Msg::CertificateRequest(
+        pb::CertificateRequest {
+            csr_pem: csr,
+            mesh: "plain".into(),
+        },
+    ))
+    .await;
+    match eg.next().await {
+        pb::zone_message::Msg::CertificateError(e) => {
+            assert_eq!(e.mesh, "plain");
+            assert!(e.reason.contains("mTLS off"), "{e:?}");
+        }
+        other => panic!("expected a CertificateError, got {other:?}"),
+    }
+
+    // The session ends: the ZoneEgress goes, and so does the proxy's endpoint.
+    drop(eg);
+    eventually("the ZoneEgress deleted", || async {
+        z.store
+            .get(&key(Kind::ZoneEgress, None, "egress-1"))
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    let delta = web.update().await;
+    assert!(services(&delta)["httpbin"].endpoints.is_empty());
+}
