@@ -18,7 +18,7 @@ pub const DEFAULT_ADMIN_ADDRESS: SocketAddr =
 #[derive(Debug, Parser)]
 #[command(
     name = "weft-ingress",
-    about = "weft's zone ingress (and, later, egress)",
+    about = "weft's zone ingress and zone egress",
     version,
     disable_version_flag = true
 )]

@@ -11,6 +11,11 @@
 //! splice), [`metrics`]. [`table`] (the routing table, behind a `watch` of `Arc<Table>`) is
 //! the contract between the two. [`serve`] wires them; `main.rs` only parses flags, builds the
 //! runtime, binds and turns signals into the drain.
+//!
+//! `--mode egress` runs the zone egress instead ([`egress`]): same session (a ZoneEgress, a
+//! zone token of scope `egress`, plus a certificate per mesh), admin and metrics
+//! (`weft_egress_*`), but the listener terminates this zone's proxies' mTLS, enforces
+//! MeshTrafficPermission and connects to MeshExternalServices.
 
 pub mod admin;
 pub mod config;
