@@ -763,7 +763,7 @@ mod tests {
         assert_eq!(v.allows("web", &none, true), Action::Deny);
         assert_eq!(v.allows("api", &none, true), Action::Allow);
         // Without any policy: the mesh default.
-        let v = resolve_external("shop", "httpbin", None, &[ext.clone()]).unwrap();
+        let v = resolve_external("shop", "httpbin", None, std::slice::from_ref(&ext)).unwrap();
         assert_eq!(v.allows("web", &none, true), Action::Deny);
         assert_eq!(v.allows("web", &none, false), Action::Allow);
         // Another mesh's policies do not count.
