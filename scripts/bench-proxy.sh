@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The proxy benchmark of issue 4 (docs/benchmarks.md): D0 direct, the weft-dp pair (D2),
-# the HAProxy pair and a tokio-rustls tunnel pair (the floor), alternating, on loopback.
+# The proxy benchmark of issues 4 and 5 (docs/benchmarks.md): D0 direct, the weft-dp pair (D2),
+# the HAProxy pair, a tokio-rustls tunnel pair (the floor), and D3 (weft-dp -> zone ingress ->
+# weft-dp, with weft-ingress and with HAProxy as the ingress), alternating, on loopback.
 #
 # Usage: scripts/bench-proxy.sh [bench-proxy flags]
-#   full run (5 runs x 10 s per chain and load, ~15 min): scripts/bench-proxy.sh
+#   full run (5 runs x 10 s per chain and load, ~20 min): scripts/bench-proxy.sh
 #   quick look:                                           scripts/bench-proxy.sh --runs 1 --duration 2s
 # Installs what is missing: haproxy (Debian's package) and oha (crates.io, `cargo install
 # --locked`, about 4 minutes on 2 cores). Prints the table; samples go to target/bench-proxy.json.
@@ -25,11 +26,13 @@ fi
 echo "== $(haproxy -v | head -1)" >&2
 echo "== $(oha --version)" >&2
 
-echo "== cargo build --release --bins" >&2
-if ! cargo build --release --bins; then
-    # The weft chain needs weft-dp; the others do not. Build what can be built and let the
-    # report say which chain did not run and why.
-    echo "== the workspace did not build; building the benchmark and the control plane only" >&2
+# Only what the benchmark runs: itself, the proxies and the control plane that configures them.
+PKGS=(-p weft-bench -p weft-dp -p weft-ingress -p weft-global -p weft-zone)
+echo "== cargo build --release ${PKGS[*]}" >&2
+if ! cargo build --release "${PKGS[@]}"; then
+    # The weft chains need weft-dp (D2, D3) and weft-ingress (D3); the others do not. Build
+    # what can be built and let the report say which chain did not run and why.
+    echo "== the build failed; building the benchmark and the control plane only" >&2
     cargo build --release -p weft-bench -p weft-global -p weft-zone
 fi
 

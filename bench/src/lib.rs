@@ -282,6 +282,49 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .parse()?)
 }
 
+/// Fields of `/proc/<pid>/status` (the number before the unit: KiB for `Vm*`/`Rss*`, a count
+/// for `Threads`); keys that are missing are left out.
+pub fn status_fields(pid: u32, keys: &[&str]) -> anyhow::Result<Vec<(String, u64)>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut out = Vec::new();
+    for key in keys {
+        let prefix = format!("{key}:");
+        if let Some(v) = status
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+        {
+            out.push((key.to_string(), v));
+        }
+    }
+    Ok(out)
+}
+
+/// Where a process's resident memory is, from `/proc/<pid>/smaps`: Rss (KiB) summed per
+/// mapping name (a file's path, `[heap]`, `[stack]`, or `[anon]` for unnamed mappings), the
+/// largest first.
+pub fn rss_by_mapping(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let Some(first) = parts.next() else { continue };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping header: address perms offset dev inode [name]
+            let name = line.split_whitespace().nth(5).unwrap_or("[anon]");
+            current = name.to_string();
+        } else if first == "Rss:" {
+            let kib: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(v)
+}
+
 /// A binary next to the running one (`target/<profile>/<name>`), or an error saying how to
 /// build it.
 pub fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {

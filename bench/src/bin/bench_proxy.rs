@@ -1,4 +1,5 @@
-//! Benchmark (issue 4): what a sidecar pair costs, against the same upstream on loopback.
+//! Benchmark (issues 4 and 5): what a sidecar pair, and a zone ingress between them, cost
+//! against the same upstream on loopback.
 //!
 //! Chains, all set up once and measured alternately (run 1 of every chain, then run 2, ...):
 //! - `D0`: load generator -> upstream;
@@ -6,13 +7,19 @@
 //!   tokio-rustls pair: what any mTLS sidecar pair costs at least);
 //! - `haproxy`: -> haproxy -> (mTLS) -> haproxy -> upstream (Debian's haproxy, nbthread 1);
 //! - `D2`: -> weft-dp -> (mTLS) -> weft-dp -> upstream, configured by a real weft-global
-//!   (memory store) and weft-zone.
+//!   (memory store) and weft-zone;
+//! - `D3`: -> weft-dp (zone-1) -> (mTLS, SNI `backend.zone-2.default.weft`) -> weft-ingress
+//!   (zone-2) -> weft-dp (zone-2) -> upstream: the client's endpoint for `backend` is zone-2's
+//!   ingress, as the zones compute it (zone-2's ZoneIngress and MeshService through global);
+//! - `D3-haproxy`: the same with HAProxy (TCP mode, `req.ssl_sni` routing) as zone-3's ingress:
+//!   a ZoneIngress with HAProxy's address registered in zone-3 over the data-plane API.
 //!
 //! Loads: fixed rates (coordinated-omission corrected: `oha -q R --latency-correction`) and
 //! maximum throughput (fixed concurrency). Per measurement: latency percentiles and requests/s
 //! from oha, CPU time (utime+stime, /proc/<pid>/stat) of each proxy process before and after,
 //! and its VmRSS. Then the idle check: one weft-dp whose Dataplane has outbounds to N
-//! services registered in the zone, its VmRSS once ready.
+//! services registered in the zone, its VmRSS once ready, beside the same proxy with no
+//! outbound (the baseline).
 //!
 //! Usage: `scripts/bench-proxy.sh` (installs haproxy and oha, builds, runs), or
 //! `target/release/bench-proxy --runs 1 --duration 2s` for a quick look.
@@ -31,9 +38,13 @@ use weft_bench::{Proc, cpu_ticks, make_identities, rss_kib, sibling_bin, ticks_p
 use weft_tests::{Api, Backend, Global, free_port};
 
 #[derive(Parser, Debug)]
-#[command(name = "bench-proxy", about = "sidecar pair benchmark (issue 4)")]
+#[command(
+    name = "bench-proxy",
+    about = "sidecar pair (issue 4) and zone ingress (issue 5) benchmark"
+)]
 struct Args {
-    /// Runs per chain and load (alternating chains).
+    /// Runs per chain and load (alternating chains); 0 skips the measurements (only the idle
+    /// check).
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Length of each measurement (Go syntax: 10s, 500ms).
@@ -51,8 +62,9 @@ struct Args {
     /// Connections of the maximum-throughput load.
     #[arg(long, default_value_t = 32)]
     max_connections: usize,
-    /// Chains to run (D0 always runs: the others are compared with it).
-    #[arg(long, value_delimiter = ',', default_value = "floor,haproxy,weft")]
+    /// Chains to run (D0 always runs: the others are compared with it). `weft` is D2, `d3`
+    /// is D3 and D3-haproxy (the HAProxy variant needs --haproxy).
+    #[arg(long, value_delimiter = ',', default_value = "floor,haproxy,weft,d3")]
     chains: Vec<String>,
     /// The load generator.
     #[arg(long, default_value = "oha")]
@@ -62,6 +74,10 @@ struct Args {
     /// Services in the idle weft-dp's config (0: skip the idle check).
     #[arg(long, default_value_t = 1000)]
     idle_services: usize,
+    /// Environment of the idle weft-dp processes, KEY=VALUE (repeatable), e.g.
+    /// MALLOC_ARENA_MAX=1 to see what glibc's arenas cost.
+    #[arg(long)]
+    idle_env: Vec<String>,
     /// Also write every sample as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -159,8 +175,39 @@ async fn main() -> anyhow::Result<()> {
         unavailable: None,
     }];
     let ids = make_identities(&dir, &["client", "server"])?;
-    let mut weft_env = None;
-    for name in &args.chains {
+    let mut weft_env: Option<WeftEnv> = None;
+    // Zones, sessions and processes D3 needs beyond its chains' proxies; dropped at the end.
+    let mut d3_env = Vec::new();
+    for name in args.chains.iter().filter(|n| !n.is_empty()) {
+        if name == "d3" {
+            if weft_env.is_none() {
+                match WeftEnv::start(&dir).await {
+                    Ok(env) => weft_env = Some(env),
+                    Err(e) => {
+                        let why = format!("control plane: {e:#}");
+                        chains.push(Chain::down("D3", why.clone()));
+                        chains.push(Chain::down("D3-haproxy", why));
+                        continue;
+                    }
+                }
+            }
+            let env = weft_env.as_ref().expect("started above");
+            chains.push(match env.d3_weft(&dir, up_port).await {
+                Ok((c, keep)) => {
+                    d3_env.push(keep);
+                    c
+                }
+                Err(e) => Chain::down("D3", format!("{e:#}")),
+            });
+            chains.push(match env.d3_haproxy(&args, &dir, up_port).await {
+                Ok((c, keep)) => {
+                    d3_env.push(keep);
+                    c
+                }
+                Err(e) => Chain::down("D3-haproxy", format!("{e:#}")),
+            });
+            continue;
+        }
         let chain = match name.as_str() {
             "floor" => floor_chain(&dir, &ids, up_port)
                 .await
@@ -168,24 +215,31 @@ async fn main() -> anyhow::Result<()> {
             "haproxy" => haproxy_chain(&args, &dir, &ids, up_port)
                 .await
                 .unwrap_or_else(|e| Chain::down("haproxy", format!("{e:#}"))),
-            "weft" => match WeftEnv::start(&dir).await {
-                Ok(env) => {
-                    let c = env
-                        .pair(&dir, up_port)
-                        .await
-                        .unwrap_or_else(|e| Chain::down("D2", format!("{e:#}")));
-                    weft_env = Some(env);
-                    c
+            "weft" => {
+                if weft_env.is_none() {
+                    match WeftEnv::start(&dir).await {
+                        Ok(env) => weft_env = Some(env),
+                        Err(e) => {
+                            chains.push(Chain::down("D2", format!("control plane: {e:#}")));
+                            continue;
+                        }
+                    }
                 }
-                Err(e) => Chain::down("D2", format!("control plane: {e:#}")),
-            },
-            other => bail!("unknown chain {other:?} (floor, haproxy, weft)"),
+                let env = weft_env.as_ref().expect("started above");
+                env.pair(&dir, up_port)
+                    .await
+                    .unwrap_or_else(|e| Chain::down("D2", format!("{e:#}")))
+            }
+            other => bail!("unknown chain {other:?} (floor, haproxy, weft, d3)"),
         };
         chains.push(chain);
     }
 
     // Warm up every chain that runs.
-    for c in chains.iter().filter(|c| c.unavailable.is_none()) {
+    for c in chains
+        .iter()
+        .filter(|c| c.unavailable.is_none() && args.runs > 0)
+    {
         eprintln!("warm-up {} ({:?})", c.name, args.warmup);
         if let Err(e) = oha(&args, Load::Max, args.warmup, &c.url).await {
             eprintln!("warm-up of {} failed: {e:#}", c.name);
@@ -231,10 +285,20 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("measurements took {:?}", started.elapsed());
 
-    let idle = match (&weft_env, args.idle_services) {
-        (_, 0) => None,
-        (Some(env), n) => Some(env.idle(&dir, n).await.map_err(|e| format!("{e:#}"))),
-        (None, _) => Some(Err("the weft chain was not set up".to_string())),
+    let idle = match args.idle_services {
+        0 => None,
+        n => {
+            if weft_env.is_none() {
+                match WeftEnv::start(&dir).await {
+                    Ok(env) => weft_env = Some(env),
+                    Err(e) => eprintln!("!! idle check: control plane: {e:#}"),
+                }
+            }
+            Some(match &weft_env {
+                Some(env) => env.idle(&args, &dir, n).await.map_err(|e| format!("{e:#}")),
+                None => Err("the control plane did not start".to_string()),
+            })
+        }
     };
 
     let report = report(&args, &chains, &loads, &samples, idle.as_ref());
@@ -253,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(upstream);
     drop(chains);
+    drop(d3_env);
     drop(weft_env);
     if args.keep {
         let kept = work.keep();
@@ -356,7 +421,11 @@ async fn floor_chain(
 
 /// Wait for the chain to answer; on failure, the error carries the proxies' logs.
 async fn ready(chain: &mut Chain) -> anyhow::Result<()> {
-    if let Err(e) = wait_http(&chain.url, Duration::from_secs(30)).await {
+    ready_within(chain, Duration::from_secs(30)).await
+}
+
+async fn ready_within(chain: &mut Chain, timeout: Duration) -> anyhow::Result<()> {
+    if let Err(e) = wait_http(&chain.url, timeout).await {
         let mut msg = format!("{e:#}");
         for (role, p) in chain.proxies.iter_mut() {
             let alive = p
@@ -463,7 +532,6 @@ backend app
 struct WeftEnv {
     global: Global,
     zone: ZoneProc,
-    dp_api_port: u16,
 }
 
 /// A `weft-zone` process joined to `global`, with its data-plane API on a port of ours
@@ -472,6 +540,9 @@ struct ZoneProc {
     proc: Proc,
     data_dir: tempfile::TempDir,
     api: Api,
+    name: String,
+    /// The data-plane API's port (proxies and ingresses register there).
+    dp_api_port: u16,
 }
 
 impl ZoneProc {
@@ -518,6 +589,8 @@ impl ZoneProc {
                     proc,
                     data_dir,
                     api,
+                    name: name.to_string(),
+                    dp_api_port,
                 });
             }
             if Instant::now() > deadline {
@@ -532,6 +605,39 @@ impl ZoneProc {
 
     fn api(&self) -> Api {
         self.api.clone()
+    }
+
+    /// Wait for the `default` mesh (with mTLS) and the allow-all policy to reach this zone.
+    async fn wait_synced(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mesh = self.api().get("/meshes/default").await.ok().flatten();
+            let mtp = self
+                .api()
+                .get("/meshes/default/meshtrafficpermissions/allow-all")
+                .await
+                .ok()
+                .flatten();
+            if mesh.is_some_and(|m| !m["spec"]["mtls"].is_null()) && mtp.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "zone {}: mesh and policy not synced after 30s:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.data_dir.path().join("dataplane-ca.pem")
+    }
+
+    fn dp_api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.dp_api_port)
     }
 
     fn logs(&self) -> String {
@@ -557,31 +663,9 @@ impl WeftEnv {
                              "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}}),
             ])
             .await?;
-        let dp_api_port = free_port();
-        let zone = ZoneProc::start(&global, "zone-1", dp_api_port).await?;
-        // Wait for the mesh and the policy to reach the zone.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mesh = zone.api().get("/meshes/default").await.ok().flatten();
-            let mtp = zone
-                .api()
-                .get("/meshes/default/meshtrafficpermissions/allow-all")
-                .await
-                .ok()
-                .flatten();
-            if mesh.is_some_and(|m| !m["spec"]["mtls"].is_null()) && mtp.is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("mesh and policy not synced to the zone after 30s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(WeftEnv {
-            global,
-            zone,
-            dp_api_port,
-        })
+        let zone = ZoneProc::start(&global, "zone-1", free_port()).await?;
+        zone.wait_synced().await?;
+        Ok(WeftEnv { global, zone })
     }
 
     async fn token(&self, name: &str, service: &str, dir: &Path) -> anyhow::Result<PathBuf> {
@@ -606,13 +690,27 @@ impl WeftEnv {
         Ok(body["token"].as_str().context("no token")?.to_string())
     }
 
-    /// Start `weft-dp run` for `dataplane` (YAML); waits for `/ready`.
+    /// Start `weft-dp run` for `dataplane` (YAML) in `zone`; waits for `/ready`.
     async fn dp(
         &self,
+        zone: &ZoneProc,
         dir: &Path,
         name: &str,
         service: &str,
         dataplane: &str,
+    ) -> anyhow::Result<(Proc, u16)> {
+        self.dp_env(zone, dir, name, service, dataplane, &[]).await
+    }
+
+    /// [`WeftEnv::dp`] with environment variables (KEY=VALUE) for the process.
+    async fn dp_env(
+        &self,
+        zone: &ZoneProc,
+        dir: &Path,
+        name: &str,
+        service: &str,
+        dataplane: &str,
+        env: &[String],
     ) -> anyhow::Result<(Proc, u16)> {
         let bin = sibling_bin("weft-dp")?;
         let file = dir.join(format!("{name}.yaml"));
@@ -622,9 +720,9 @@ impl WeftEnv {
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--zone-address")
-            .arg(format!("https://127.0.0.1:{}", self.dp_api_port))
+            .arg(zone.dp_api_url())
             .arg("--zone-ca-file")
-            .arg(self.zone.data_dir.path().join("dataplane-ca.pem"))
+            .arg(zone.ca_file())
             .arg("--dataplane-file")
             .arg(&file)
             .arg("--token-file")
@@ -633,6 +731,12 @@ impl WeftEnv {
             .arg(format!("127.0.0.1:{admin}"))
             .arg("--log-level")
             .arg("warn");
+        for kv in env {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--idle-env {kv:?}: expected KEY=VALUE"))?;
+            cmd.env(k, v);
+        }
         let mut p = Proc::spawn(
             &format!("weft-dp {name}"),
             cmd,
@@ -656,7 +760,7 @@ impl WeftEnv {
                 bail!(
                     "weft-dp {name}: /ready not 200 after 60s; log:\n{}\nzone log tail:\n{}",
                     p.log_tail(30),
-                    tail(&self.zone.logs(), 30)
+                    tail(&zone.logs(), 30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -696,8 +800,12 @@ spec:
         tags: {{weft.io/service: server}}
 "
         );
-        let (s, _) = self.dp(dir, "server-1", "server", &server).await?;
-        let (c, _) = self.dp(dir, "client-1", "client", &client).await?;
+        let (s, _) = self
+            .dp(&self.zone, dir, "server-1", "server", &server)
+            .await?;
+        let (c, _) = self
+            .dp(&self.zone, dir, "client-1", "client", &client)
+            .await?;
         let mut chain = Chain {
             name: "D2",
             url: format!("http://127.0.0.1:{co}/"),
@@ -708,9 +816,22 @@ spec:
         Ok(chain)
     }
 
-    /// The idle check: `n` services registered in the zone (one Dataplane each, through the
-    /// zone's REST API), one weft-dp with an outbound to each; its VmRSS once ready.
-    async fn idle(&self, dir: &Path, n: usize) -> anyhow::Result<Idle> {
+    /// The idle check: `n` services registered in the zone (one online fake proxy each, over
+    /// the data-plane API), one weft-dp with an outbound to each; its memory once ready,
+    /// beside the same weft-dp with no outbound (the baseline: what the binary costs).
+    async fn idle(&self, args: &Args, dir: &Path, n: usize) -> anyhow::Result<Idle> {
+        let env = &args.idle_env;
+        let baseline_yaml = idle_yaml("idle-0", 0);
+        let (p0, _) = self
+            .dp_env(&self.zone, dir, "idle-0", "idle", &baseline_yaml, env)
+            .await
+            .context("baseline weft-dp (no outbound)")?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let baseline_ready = memory(p0.pid())?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let baseline_later = memory(p0.pid())?;
+        drop(p0);
+
         // Online services: one registered session per service, so every service the idle
         // proxy calls has an endpoint; if that cannot be done, Dataplanes through the REST
         // API (services without endpoints: the zone only sends endpoints of online proxies).
@@ -733,34 +854,13 @@ spec:
                 Vec::new()
             }
         };
-        let mut yaml = format!(
-            "type: Dataplane
-name: idle-1
-mesh: default
-spec:
-  networking:
-    address: 127.0.0.1
-    inbound:
-      - port: {}
-        servicePort: {}
-        tags: {{weft.io/service: idle}}
-        protocol: http
-    outbound:
-",
-            free_port(),
-            free_port()
-        );
-        for i in 0..n {
-            let _ = writeln!(
-                yaml,
-                "      - port: {}\n        tags: {{weft.io/service: svc-{i:04}}}",
-                free_port()
-            );
-        }
-        let (p, admin) = self.dp(dir, "idle-1", "idle", &yaml).await?;
+        let yaml = idle_yaml("idle-1", n);
+        let (p, admin) = self
+            .dp_env(&self.zone, dir, "idle-1", "idle", &yaml, env)
+            .await?;
         // Let it settle (first full update applied, allocator quiet).
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let rss_ready = rss_kib(p.pid())?;
+        let ready = memory(p.pid())?;
         let config = reqwest::get(format!("http://127.0.0.1:{admin}/config"))
             .await
             .ok();
@@ -770,17 +870,373 @@ spec:
         };
         let (services, with_endpoints) = count_services(&config);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let rss_later = rss_kib(p.pid())?;
+        let later = memory(p.pid())?;
         drop(sessions);
         Ok(Idle {
             how,
+            env: env.clone(),
             services: n,
-            rss_ready_kib: rss_ready,
-            rss_later_kib: rss_later,
+            ready,
+            later,
+            baseline_ready,
+            baseline_later,
             config_services: services,
             config_with_endpoints: with_endpoints,
         })
     }
+
+    /// D3: a weft-dp in zone-1 whose only endpoint for `backend` is zone-2's weft-ingress,
+    /// which routes by SNI to the `backend` weft-dp in zone-2. Returns the chain and what
+    /// must stay up while it runs (zone-2).
+    async fn d3_weft(&self, dir: &Path, up_port: u16) -> anyhow::Result<(Chain, D3Env)> {
+        let zone = ZoneProc::start(&self.global, "zone-2", free_port()).await?;
+        zone.wait_synced().await?;
+        let (server, _) = self
+            .dp(
+                &zone,
+                dir,
+                "backend-1",
+                "backend",
+                &server_yaml("backend-1", "backend", free_port(), up_port),
+            )
+            .await?;
+        let ingress = self.weft_ingress(&zone, dir, "ingress-1").await?;
+        let (client, _) = self
+            .dp(
+                &self.zone,
+                dir,
+                "front-1",
+                "front",
+                &client_yaml("front-1", "front", "backend", free_port()),
+            )
+            .await?;
+        let co = outbound_port(dir, "front-1")?;
+        let mut chain = Chain {
+            name: "D3",
+            url: format!("http://127.0.0.1:{co}/"),
+            proxies: vec![("client", client), ("ingress", ingress), ("server", server)],
+            unavailable: None,
+        };
+        ready_within(&mut chain, Duration::from_secs(60)).await?;
+        Ok((
+            chain,
+            D3Env {
+                _zone: zone,
+                _sessions: Vec::new(),
+            },
+        ))
+    }
+
+    /// D3-haproxy: the same chain through zone-3, whose ingress is HAProxy in TCP mode
+    /// (`tcp-request inspect-delay`, `req.ssl_sni` routing to the backend's weft-dp). zone-3
+    /// learns HAProxy's address from a ZoneIngress registered over its data-plane API (an
+    /// ingress session held by this benchmark, acking the zone's updates), exactly as
+    /// weft-ingress registers itself; the zone-1 proxy's endpoint is then HAProxy's port.
+    async fn d3_haproxy(
+        &self,
+        args: &Args,
+        dir: &Path,
+        up_port: u16,
+    ) -> anyhow::Result<(Chain, D3Env)> {
+        check_tool(&args.haproxy, "-v")?;
+        let zone = ZoneProc::start(&self.global, "zone-3", free_port()).await?;
+        zone.wait_synced().await?;
+        let si = free_port();
+        let (server, _) = self
+            .dp(
+                &zone,
+                dir,
+                "backend-h-1",
+                "backend-h",
+                &server_yaml("backend-h-1", "backend-h", si, up_port),
+            )
+            .await?;
+        let port = free_port();
+        let sni = weft_core::names::Sni::new("default", "backend-h", "zone-3").to_string();
+        let cfg = format!(
+            "global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend zone_ingress
+    bind 127.0.0.1:{port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend backend_h if {{ req.ssl_sni -i {sni} }}
+
+backend backend_h
+    server backend-h-1 127.0.0.1:{si}
+"
+        );
+        let path = dir.join("haproxy-ingress.cfg");
+        std::fs::write(&path, cfg)?;
+        let check = Command::new(&args.haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output()?;
+        if !check.status.success() {
+            bail!(
+                "haproxy -c -f {}: {}{}",
+                path.display(),
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        let mut cmd = Command::new(&args.haproxy);
+        cmd.arg("-db").arg("-f").arg(&path);
+        let ingress = Proc::spawn("haproxy ingress", cmd, dir.join("haproxy-ingress.log"))?;
+        // The ZoneIngress weft-ingress would send for itself, with HAProxy's address.
+        let resource = json!({"type": "ZoneIngress", "name": "haproxy",
+            "spec": {"networking": {"address": "127.0.0.1", "port": port}}});
+        let token = self.ingress_token("zone-3").await?;
+        let channel = dp_api_channel(&zone).await?;
+        let session = open_session(channel, "ingress haproxy", token, resource.to_string())
+            .await
+            .context("registering HAProxy as zone-3's ZoneIngress")?;
+        let (client, _) = self
+            .dp(
+                &self.zone,
+                dir,
+                "front-h-1",
+                "front-h",
+                &client_yaml("front-h-1", "front-h", "backend-h", free_port()),
+            )
+            .await?;
+        let co = outbound_port(dir, "front-h-1")?;
+        let mut chain = Chain {
+            name: "D3-haproxy",
+            url: format!("http://127.0.0.1:{co}/"),
+            proxies: vec![("client", client), ("ingress", ingress), ("server", server)],
+            unavailable: None,
+        };
+        ready_within(&mut chain, Duration::from_secs(60)).await?;
+        Ok((
+            chain,
+            D3Env {
+                _zone: zone,
+                _sessions: vec![session],
+            },
+        ))
+    }
+
+    /// A zone token with scope `ingress` for `zone` (`POST /_tokens/zone`).
+    async fn ingress_token(&self, zone: &str) -> anyhow::Result<String> {
+        let r = self
+            .global
+            .req(Method::POST, "/_tokens/zone")
+            .json(&json!({"zone": zone, "scope": "ingress", "validFor": "24h"}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST /_tokens/zone (scope ingress): {status}: {body}");
+        }
+        Ok(body["token"].as_str().context("no token")?.to_string())
+    }
+
+    /// Start `weft-ingress run --mode ingress` in `zone` (defaults: one thread); waits for
+    /// `/ready` (registered, routing table received).
+    async fn weft_ingress(&self, zone: &ZoneProc, dir: &Path, name: &str) -> anyhow::Result<Proc> {
+        let token = dir.join(format!("{name}.token"));
+        std::fs::write(&token, self.ingress_token(&zone.name).await?)?;
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(sibling_bin("weft-ingress")?);
+        cmd.arg("run")
+            .arg("--mode")
+            .arg("ingress")
+            .arg("--name")
+            .arg(name)
+            .arg("--zone-address")
+            .arg(zone.dp_api_url())
+            .arg("--zone-ca-file")
+            .arg(zone.ca_file())
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-address")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--log-level")
+            .arg("warn");
+        let mut p = Proc::spawn(
+            &format!("weft-ingress {name}"),
+            cmd,
+            dir.join(format!("weft-ingress-{name}.log")),
+        )?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            p.check_alive()?;
+            if let Ok(r) = http
+                .get(format!("http://127.0.0.1:{admin}/ready"))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "weft-ingress {name}: /ready not 200 after 60s; log:\n{}\nzone log tail:\n{}",
+                    p.log_tail(30),
+                    tail(&zone.logs(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What a D3 chain needs besides its proxies: its zone, and (HAProxy) the ingress session.
+struct D3Env {
+    _zone: ZoneProc,
+    _sessions: Vec<Session>,
+}
+
+/// The Dataplane of a server-side proxy: service `service`, inbound `port` -> the upstream.
+fn server_yaml(name: &str, service: &str, port: u16, up_port: u16) -> String {
+    format!(
+        "type: Dataplane
+name: {name}
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {port}
+        servicePort: {up_port}
+        tags: {{weft.io/service: {service}}}
+        protocol: http
+"
+    )
+}
+
+/// The Dataplane of a client-side proxy of `service` with one outbound, to `target`, on
+/// `port` (written into the YAML; [`outbound_port`] reads it back).
+fn client_yaml(name: &str, service: &str, target: &str, port: u16) -> String {
+    format!(
+        "type: Dataplane
+name: {name}
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {}
+        servicePort: {}
+        tags: {{weft.io/service: {service}}}
+        protocol: http
+    outbound:
+      - port: {port}
+        tags: {{weft.io/service: {target}}}
+",
+        free_port(),
+        free_port()
+    )
+}
+
+/// The outbound port of the client Dataplane `name` written by [`WeftEnv::dp`].
+fn outbound_port(dir: &Path, name: &str) -> anyhow::Result<u16> {
+    let yaml = std::fs::read_to_string(dir.join(format!("{name}.yaml")))?;
+    let after = yaml.split("outbound:").nth(1).context("no outbound")?;
+    let line = after
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- port:"))
+        .context("no outbound port")?;
+    Ok(line.trim().parse()?)
+}
+
+/// The idle proxy's Dataplane: one inbound, outbounds to `svc-0000` .. `svc-<n-1>`.
+fn idle_yaml(name: &str, n: usize) -> String {
+    let mut yaml = format!(
+        "type: Dataplane
+name: {name}
+mesh: default
+spec:
+  networking:
+    address: 127.0.0.1
+    inbound:
+      - port: {}
+        servicePort: {}
+        tags: {{weft.io/service: idle}}
+        protocol: http
+",
+        free_port(),
+        free_port()
+    );
+    if n > 0 {
+        yaml.push_str("    outbound:\n");
+    }
+    for i in 0..n {
+        let _ = writeln!(
+            yaml,
+            "      - port: {}\n        tags: {{weft.io/service: svc-{i:04}}}",
+            free_port()
+        );
+    }
+    yaml
+}
+
+/// What `/proc/<pid>/status` says about a process's memory.
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    fields: Vec<(String, u64)>,
+    /// Rss KiB per mapping, the largest first (`/proc/<pid>/smaps`).
+    mappings: Vec<(String, u64)>,
+}
+
+impl Memory {
+    fn get(&self, key: &str) -> u64 {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "VmRSS {} KiB (RssAnon {}, RssFile {}, RssShmem {}), VmData {} KiB, {} threads",
+            self.get("VmRSS"),
+            self.get("RssAnon"),
+            self.get("RssFile"),
+            self.get("RssShmem"),
+            self.get("VmData"),
+            self.get("Threads")
+        ) + &format!(
+            "; largest: {}",
+            self.mappings
+                .iter()
+                .take(5)
+                .map(|(name, kib)| {
+                    let short = name.rsplit('/').next().unwrap_or(name);
+                    format!("{short} {kib} KiB")
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+fn memory(pid: u32) -> anyhow::Result<Memory> {
+    Ok(Memory {
+        fields: weft_bench::status_fields(
+            pid,
+            &[
+                "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmData", "VmStk", "Threads",
+            ],
+        )?,
+        mappings: weft_bench::rss_by_mapping(pid).unwrap_or_default(),
+    })
 }
 
 /// The Dataplane of fake service `i`: `svc-NNNN-1` serving `svc-NNNN` on 127.0.0.1:20000+i
@@ -807,71 +1263,82 @@ impl WeftEnv {
     /// Register `n` fake proxies (`fake_dataplane(i)`) over the data-plane API: Hello with a
     /// token, Ack every Update, until dropped. 100 streams per connection.
     async fn register(&self, n: usize) -> anyhow::Result<Vec<Session>> {
-        use pb::dataplane_discovery_client::DataplaneDiscoveryClient;
-        use weft_proto::dataplane::v1 as pb;
-        let ca = std::fs::read_to_string(self.zone.data_dir.path().join("dataplane-ca.pem"))?;
         let mut sessions = Vec::with_capacity(n);
         let mut channel = None;
         for i in 0..n {
             if i % 100 == 0 {
-                let tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
-                    .domain_name("127.0.0.1");
-                channel = Some(
-                    tonic::transport::Endpoint::from_shared(format!(
-                        "https://127.0.0.1:{}",
-                        self.dp_api_port
-                    ))?
-                    .tls_config(tls)?
-                    .connect()
-                    .await
-                    .context("connecting to the zone's data-plane API")?,
-                );
+                channel = Some(dp_api_channel(&self.zone).await?);
             }
             let name = format!("svc-{i:04}-1");
             let token = self.token_text(&name, &format!("svc-{i:04}")).await?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ProxyMessage>(16);
-            tx.send(pb::ProxyMessage {
-                msg: Some(pb::proxy_message::Msg::Hello(pb::Hello {
-                    token,
-                    dataplane: fake_dataplane(i).to_string(),
-                    version: "bench".into(),
-                    has_config: false,
-                    virtual_outbounds: false,
-                })),
-            })
-            .await?;
-            let mut client =
-                DataplaneDiscoveryClient::new(channel.clone().expect("connected above"))
-                    .max_decoding_message_size(16 << 20);
-            let mut incoming = client
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .with_context(|| format!("stream of {name}"))?
-                .into_inner();
-            // Wait for Registered, so a refusal is reported here.
-            match tokio::time::timeout(Duration::from_secs(10), incoming.message()).await {
-                Ok(Ok(Some(pb::ZoneMessage {
-                    msg: Some(pb::zone_message::Msg::Registered(_)),
-                }))) => {}
-                other => bail!("{name}: expected Registered, got {other:?}"),
-            }
-            let task = tokio::spawn(async move {
-                while let Ok(Some(m)) = incoming.message().await {
-                    if let Some(pb::zone_message::Msg::Update(u)) = m.msg {
-                        let ack = pb::ProxyMessage {
-                            msg: Some(pb::proxy_message::Msg::Ack(pb::Ack { nonce: u.nonce })),
-                        };
-                        if tx.send(ack).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            sessions.push(Session { task });
+            let channel = channel.clone().expect("connected above");
+            let doc = fake_dataplane(i).to_string();
+            sessions.push(open_session(channel, &name, token, doc).await?);
         }
         Ok(sessions)
     }
+}
+
+/// A TLS channel to `zone`'s data-plane API.
+async fn dp_api_channel(zone: &ZoneProc) -> anyhow::Result<tonic::transport::Channel> {
+    let ca = std::fs::read_to_string(zone.ca_file())?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+        .domain_name("127.0.0.1");
+    tonic::transport::Endpoint::from_shared(zone.dp_api_url())?
+        .tls_config(tls)?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to zone {}'s data-plane API", zone.name))
+}
+
+/// Open a data-plane API stream with `Hello { token, dataplane: resource }` (a Dataplane or
+/// a ZoneIngress), wait for `Registered`, then Ack every Update until the session is dropped.
+async fn open_session(
+    channel: tonic::transport::Channel,
+    name: &str,
+    token: String,
+    resource: String,
+) -> anyhow::Result<Session> {
+    use pb::dataplane_discovery_client::DataplaneDiscoveryClient;
+    use weft_proto::dataplane::v1 as pb;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ProxyMessage>(16);
+    tx.send(pb::ProxyMessage {
+        msg: Some(pb::proxy_message::Msg::Hello(pb::Hello {
+            token,
+            dataplane: resource,
+            version: "bench".into(),
+            has_config: false,
+            virtual_outbounds: false,
+        })),
+    })
+    .await?;
+    let mut client = DataplaneDiscoveryClient::new(channel).max_decoding_message_size(16 << 20);
+    let mut incoming = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .with_context(|| format!("stream of {name}"))?
+        .into_inner();
+    // Wait for Registered, so a refusal is reported here.
+    match tokio::time::timeout(Duration::from_secs(10), incoming.message()).await {
+        Ok(Ok(Some(pb::ZoneMessage {
+            msg: Some(pb::zone_message::Msg::Registered(_)),
+        }))) => {}
+        other => bail!("{name}: expected Registered, got {other:?}"),
+    }
+    let task = tokio::spawn(async move {
+        while let Ok(Some(m)) = incoming.message().await {
+            if let Some(pb::zone_message::Msg::Update(u)) = m.msg {
+                let ack = pb::ProxyMessage {
+                    msg: Some(pb::proxy_message::Msg::Ack(pb::Ack { nonce: u.nonce })),
+                };
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Session { task })
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -900,9 +1367,14 @@ fn count_services(config: &str) -> (Option<usize>, Option<usize>) {
 
 struct Idle {
     how: String,
+    /// The idle proxies' extra environment (`--idle-env`).
+    env: Vec<String>,
     services: usize,
-    rss_ready_kib: u64,
-    rss_later_kib: u64,
+    ready: Memory,
+    later: Memory,
+    /// The same proxy with no outbound.
+    baseline_ready: Memory,
+    baseline_later: Memory,
     config_services: Option<usize>,
     config_with_endpoints: Option<usize>,
 }
@@ -1125,7 +1597,7 @@ fn report(
             continue;
         };
         let d0 = by_chain.get("D0").map(|r| r.p50);
-        for c in chains {
+        for c in chains.iter().filter(|c| !is_d3(c.name)) {
             let Some(r) = by_chain.get(c.name) else {
                 let _ = writeln!(out, "| {} | 0 | did not run | | | | | | | | | | |", c.name);
                 continue;
@@ -1150,6 +1622,10 @@ fn report(
                 f(r.rss_mib.get("server").copied(), 1),
             );
         }
+    }
+
+    if chains.iter().any(|c| is_d3(c.name)) {
+        d3_tables(&mut out, args, chains, loads, &rows);
     }
 
     let _ = writeln!(out, "\n## Goals");
@@ -1183,6 +1659,47 @@ fn report(
             }
         }
     }
+    if chains.iter().any(|c| is_d3(c.name)) {
+        for load in loads {
+            let by_chain = rows.get(load);
+            let get = |n: &str| by_chain.and_then(|m| m.get(n));
+            let label = load.label(args);
+            let cpu = |r: &Row| r.cpu.get("ingress").copied().unwrap_or(f64::NAN);
+            match get("D3") {
+                Some(w) => {
+                    let _ = writeln!(
+                        out,
+                        "- {label}: CPU/req weft-ingress {:.1} µs (goal <= 10 µs): {}",
+                        cpu(w),
+                        pass(cpu(w) <= 10.0)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "- {label}: weft-ingress not checked: D3 has no measurement"
+                    );
+                }
+            }
+            match (get("D3"), get("D3-haproxy")) {
+                (Some(w), Some(h)) => {
+                    let _ = writeln!(
+                        out,
+                        "- {label}: CPU/req weft-ingress {:.1} µs vs HAProxy ingress {:.1} µs (goal: weft < HAProxy): {}",
+                        cpu(w),
+                        cpu(h),
+                        pass(cpu(w) < cpu(h))
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        out,
+                        "- {label}: ingress comparison not checked: D3 or D3-haproxy has no measurement"
+                    );
+                }
+            }
+        }
+    }
     match idle {
         None => {
             let _ = writeln!(out, "- idle weft-dp RSS: not measured (--idle-services 0)");
@@ -1196,25 +1713,111 @@ fn report(
             );
         }
         Some(Ok(i)) => {
-            let mb = i.rss_later_kib.max(i.rss_ready_kib) as f64 * 1024.0 / 1e6;
+            let rss = i.later.get("VmRSS").max(i.ready.get("VmRSS"));
+            let mb = rss as f64 * 1024.0 / 1e6;
             let cfg = match (i.config_services, i.config_with_endpoints) {
                 (Some(s), Some(e)) => {
                     format!("its /config lists {s} services, {e} of them with endpoints")
                 }
                 _ => "its /config did not list services in a shape this benchmark reads".into(),
             };
+            let env = if i.env.is_empty() {
+                String::new()
+            } else {
+                format!(", environment {}", i.env.join(" "))
+            };
             let _ = writeln!(
                 out,
-                "- idle weft-dp with outbounds to {} services ({}; {cfg}): VmRSS {} KiB when ready, {} KiB 5 s later = {mb:.2} MB (goal < 10 MB): {}",
+                "- idle weft-dp with outbounds to {} services ({}; {cfg}{env}): VmRSS {} KiB when ready, {} KiB 5 s later = {mb:.2} MB (goal < 10 MB): {}",
                 i.services,
                 i.how,
-                i.rss_ready_kib,
-                i.rss_later_kib,
+                i.ready.get("VmRSS"),
+                i.later.get("VmRSS"),
                 pass(mb < 10.0)
+            );
+            let _ = writeln!(
+                out,
+                "  - with {} services, when ready: {}\n  - with {} services, 5 s later: {}\n  - baseline (no outbound), when ready: {}\n  - baseline (no outbound), 5 s later: {}",
+                i.services,
+                i.ready.describe(),
+                i.services,
+                i.later.describe(),
+                i.baseline_ready.describe(),
+                i.baseline_later.describe()
             );
         }
     }
     out
+}
+
+/// The chains with an ingress between the sidecars (reported in their own tables).
+fn is_d3(name: &str) -> bool {
+    name.starts_with("D3")
+}
+
+/// Per load: D0 and D2 for reference, then D3 and D3-haproxy, with the ingress's CPU and RSS
+/// and what the ingress hop adds to D2's p50.
+fn d3_tables(
+    out: &mut String,
+    args: &Args,
+    chains: &[Chain],
+    loads: &[Load],
+    rows: &BTreeMap<Load, BTreeMap<&str, Row>>,
+) {
+    let _ = writeln!(
+        out,
+        "\n# D3: client -> weft-dp -> ingress -> weft-dp -> upstream (zone-1 -> zone-2/zone-3)"
+    );
+    for load in loads {
+        let _ = writeln!(out, "\n## D3, {}", load.label(args));
+        let _ = writeln!(
+            out,
+            "| chain | runs | p50 ms | p90 ms | p99 ms | added p50 ms vs D0 | added p50 ms vs D2 | req/s | errors | CPU µs/req client | CPU µs/req ingress | CPU µs/req server | CPU µs/req total | RSS MiB client | RSS MiB ingress | RSS MiB server |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        let by_chain = rows.get(load);
+        let get = |n: &str| by_chain.and_then(|m| m.get(n));
+        let d0 = get("D0").map(|r| r.p50);
+        let d2 = get("D2").map(|r| r.p50);
+        let names = ["D0", "D2", "D3", "D3-haproxy"];
+        for name in names {
+            if !chains.iter().any(|c| c.name == name) {
+                continue;
+            }
+            let Some(r) = get(name) else {
+                let _ = writeln!(
+                    out,
+                    "| {name} | 0 | did not run | | | | | | | | | | | | | |"
+                );
+                continue;
+            };
+            let f = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
+            let vs_d0 = d0.filter(|_| name != "D0").map(|d| r.p50 - d);
+            let vs_d2 = d2.filter(|_| is_d3(name)).map(|d| r.p50 - d);
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.runs,
+                r.p50,
+                r.p90,
+                r.p99,
+                f(vs_d0, 3),
+                f(vs_d2, 3),
+                r.rps,
+                r.errors,
+                f(r.cpu.get("client").copied(), 1),
+                f(r.cpu.get("ingress").copied(), 1),
+                f(r.cpu.get("server").copied(), 1),
+                f(r.pair, 1),
+                f(r.rss_mib.get("client").copied(), 1),
+                f(r.rss_mib.get("ingress").copied(), 1),
+                f(r.rss_mib.get("server").copied(), 1),
+            );
+        }
+    }
 }
 
 fn pass(ok: bool) -> &'static str {
