@@ -5,13 +5,16 @@
 # `payments` (mTLS, deny by default) a backend instance with its weft-dp sidecar in each zone
 # and a frontend sidecar in east that serves DNS for `*.mesh` and listens on the VIPs:
 # `backend.mesh` (east's backend first, west's on failover) and `backend.west.mesh` (west's
-# backend, through west's ingress, mTLS end to end). Then a tour. Stops everything on Ctrl-C.
+# backend, through west's ingress, mTLS end to end); plus a zone egress in east through which
+# the frontend reaches an external service (`payment-gateway.mesh`, a MeshExternalService).
+# Then a tour. Stops everything on Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base="${WEFT_DEMO_PORT:-5681}"
 api=$base kds=$((base + 4)) east_api=$((base + 10)) west_api=$((base + 20))
 east_dp=$((base + 11)) west_dp=$((base + 21))
 east_ingress=$((base + 30)) west_ingress=$((base + 32)) dns=$((base + 34))
+external_port=$((base + 36)) external_host=$((base + 37)) egress=$((base + 38))
 backend_port=$((base + 3))
 echo "building weft-global, weft-zone, weft-dp, weft-ingress, weftctl and the demo app..."
 cargo build --quiet --bin weft-global --bin weft-zone --bin weft-dp --bin weft-ingress --bin weftctl --bin demo-app
@@ -30,7 +33,7 @@ trap 'exit 0' INT TERM
 wait_ready() {
   for _ in $(seq 1 150); do
     curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
-    kill -0 "$2" 2>/dev/null || { cat "$4" >&2; echo "$1 exited; are ports $base..$((base + 35)) free? (WEFT_DEMO_PORT=...)" >&2; exit 1; }
+    kill -0 "$2" 2>/dev/null || { cat "$4" >&2; echo "$1 exited; are ports $base..$((base + 39)) free? (WEFT_DEMO_PORT=...)" >&2; exit 1; }
     sleep 0.1
   done
   echo "$1 did not become ready; its log: $4" >&2
@@ -82,6 +85,38 @@ for zone in east west; do
   wait_admin "weft-ingress $zone" "${pids[-1]}" "$((${!port_var} + 1))" "$data/$zone-ingress.log"
   echo "weft-ingress of zone $zone ready on 127.0.0.1:${!port_var}"
 done
+
+# An external service (a demo app standing in for a payment provider outside the mesh),
+# declared as a MeshExternalService that only frontend may use, and a zone egress in east
+# (admin on +1) through which proxies reach it.
+target/debug/demo-app payment-gateway "127.0.0.1:$external_host" >"$data/app-external.log" 2>&1 &
+pids+=($!)
+target/debug/weftctl apply -f - >/dev/null <<YAML
+type: MeshExternalService
+name: payment-gateway
+mesh: payments
+spec:
+  match: {type: HostnameGenerator, port: $external_port, protocol: http}
+  endpoints: [{address: 127.0.0.1, port: $external_host}]
+---
+type: MeshTrafficPermission
+name: frontend-to-payment-gateway
+mesh: payments
+spec:
+  targetRef: {kind: MeshExternalService, name: payment-gateway}
+  from:
+    - targetRef: {kind: MeshService, name: frontend}
+      default: {action: Allow}
+YAML
+target/debug/weftctl generate zone-token --zone east --scope egress --valid-for 24h \
+  >"$data/east-egress.token" 2>/dev/null
+target/debug/weft-ingress run --mode egress --name egress \
+  --zone-address "https://127.0.0.1:$east_dp" --zone-ca-file "$data/east/dataplane-ca.pem" \
+  --token-file "$data/east-egress.token" --address "127.0.0.1:$egress" \
+  --admin-address "127.0.0.1:$((egress + 1))" >"$data/east-egress.log" 2>&1 &
+pids+=($!)
+wait_admin "weft-ingress --mode egress (east)" "${pids[-1]}" "$((egress + 1))" "$data/east-egress.log"
+echo "zone egress of east ready on 127.0.0.1:$egress"
 
 # sidecar NAME SERVICE ZONE ADMIN_PORT DATAPLANE_YAML [WEFT-DP FLAGS...]: a weft-dp with its
 # own dataplane token, ready when its admin /ready answers.
@@ -175,6 +210,11 @@ echo
 echo "\$ curl http://backend.mesh:$backend_port/   # = http://$vip_any:$backend_port/: east's own backend first"
 curl -sS "http://$vip_any:$backend_port/"
 echo
+vip_ext=$(vip payment-gateway.mesh)
+for _ in $(seq 1 50); do curl -fsS "http://$vip_ext:$external_port/" >/dev/null 2>&1 && break; sleep 0.2; done
+echo "\$ curl http://payment-gateway.mesh:$external_port/   # = http://$vip_ext:$external_port/: frontend -> (mTLS) east's egress -> the external host"
+curl -sS "http://$vip_ext:$external_port/"
+echo
 echo "\$ weftctl inspect services --mesh payments   # against zone east: its VIPs"
 zone_ctl east inspect services --mesh payments
 echo
@@ -200,6 +240,7 @@ weft is running (memory stores):
   DNS:           dig @127.0.0.1 -p $dns backend.mesh | backend.east.mesh | backend.west.mesh   (frontend-east's weft-dp)
   cross-zone:    curl http://$vip_west:$backend_port/   (backend.west.mesh: through west's ingress)
                  curl http://$vip_any:$backend_port/   (backend.mesh: east first; kill backend-east's sidecar and it fails over to west)
+  egress:        curl http://$vip_ext:$external_port/   (payment-gateway.mesh: through east's egress; metrics: curl http://127.0.0.1:$((egress + 1))/metrics)
   data plane:    curl http://127.0.0.1:$front_out/   (frontend-east's outbound to backend, mTLS between sidecars)
                  curl http://127.0.0.1:$((base + 15))/config   (what frontend-east received; /ready, /metrics)
                  a MeshTrafficPermission denying it:  sed 's/Allow/Deny/' deploy/examples/payments-permissions.yaml | target/debug/weftctl apply -f -
