@@ -1531,3 +1531,138 @@ async fn an_egress_gets_external_services_and_a_certificate_per_mesh() {
     let delta = web.update().await;
     assert!(services(&delta)["httpbin"].endpoints.is_empty());
 }
+
+/// Mesh `default` with mTLS and `routing.zoneEgress` on or off.
+fn mesh_with_zone_egress(on: bool) -> Resource {
+    Resource::new(
+        Kind::Mesh,
+        None,
+        "default",
+        global_labels(),
+        json!({"mtls": {"enabledBackend": "ca-1", "backends": [
+            {"name": "ca-1", "type": "builtin", "dpCert": {"rotation": {"expiration": "2h"}}}
+        ]}, "routing": {"zoneEgress": on}}),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_zone_egress_mesh_reaches_other_zones_through_the_egress() {
+    let z = start(Opts::default()).await;
+    z.store
+        .apply(vec![mesh_with_zone_egress(true)], false)
+        .await
+        .unwrap();
+    z.store.apply(remote_resources(2), false).await.unwrap();
+    let (mut web, _) = z
+        .register(
+            &mk_dataplane("default", "web-1", "web", 9000, &["backend"]),
+            false,
+        )
+        .await;
+    let mut held = Held::default();
+    held.apply(&web.update().await);
+    // No egress: no way to west (not west's ingress either), once west's MeshService is in.
+    web.until(&mut held, "west's protocol", |h| {
+        h.services["backend"].protocol == "http"
+    })
+    .await;
+    assert!(
+        held.services["backend"].endpoints.is_empty(),
+        "without an egress a zoneEgress mesh gets no remote endpoint: {held:?}"
+    );
+
+    let mut eg = z
+        .open(pb::proxy_message::Msg::Hello(egress_hello(
+            zone_token(&z, "east", Scope::Egress),
+            "egress-1",
+        )))
+        .await
+        .unwrap();
+    assert!(matches!(
+        eg.next().await,
+        pb::zone_message::Msg::Registered(_)
+    ));
+    // The egress's routes: west's ingress for backend of mesh default, no `external`.
+    let full = eg.update().await;
+    assert!(full.full);
+    let routes = services(&full);
+    let route = routes.get("backend").expect("a route for backend");
+    assert_eq!(route.mesh, "default");
+    assert!(route.external.is_none(), "{route:?}");
+    assert_eq!(route.endpoints.len(), 1, "{route:?}");
+    let e = &route.endpoints[0];
+    assert_eq!(
+        (e.address.as_str(), e.port, e.zone.as_str(), e.weight),
+        ("198.51.100.7", 443, "west", 2)
+    );
+    assert_eq!(e.dataplane, "ingress.west");
+
+    // The proxy: the egress, for zone west, weight = west's instances, no server identity.
+    web.until(&mut held, "backend through the egress", |h| {
+        !h.services["backend"].endpoints.is_empty()
+    })
+    .await;
+    let eps = &held.services["backend"].endpoints;
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(
+        (
+            eps[0].address.as_str(),
+            eps[0].port,
+            eps[0].zone.as_str(),
+            eps[0].weight,
+            eps[0].dataplane.as_str()
+        ),
+        ("10.0.0.8", 10002, "west", 2, "egress-1")
+    );
+    assert_eq!(eps[0].server_identity, "", "the egress does not terminate");
+    assert_eq!(eps[0].tags["weft.io/zone"], "west");
+
+    // West's instances change: both the proxy's weight and the egress's route follow.
+    z.store.apply(remote_resources(3), false).await.unwrap();
+    web.until(&mut held, "weight 3", |h| {
+        h.services["backend"].endpoints.first().map(|e| e.weight) == Some(3)
+    })
+    .await;
+    let u = eg.update().await;
+    assert_eq!(services(&u)["backend"].endpoints[0].weight, 3);
+
+    // routing.zoneEgress off: the proxy goes to west's ingress again, the egress loses the
+    // route.
+    z.store
+        .apply(vec![mesh_with_zone_egress(false)], false)
+        .await
+        .unwrap();
+    web.until(&mut held, "backend through west's ingress", |h| {
+        h.services["backend"]
+            .endpoints
+            .first()
+            .map(|e| e.address.as_str())
+            == Some("198.51.100.7")
+    })
+    .await;
+    let u = eg.update().await;
+    assert_eq!(u.removed_services, ["backend"], "{u:?}");
+    assert!(u.services.is_empty(), "{u:?}");
+
+    // On again, then the egress goes away: no remote endpoint at all.
+    z.store
+        .apply(vec![mesh_with_zone_egress(true)], false)
+        .await
+        .unwrap();
+    web.until(&mut held, "backend through the egress again", |h| {
+        h.services["backend"]
+            .endpoints
+            .first()
+            .map(|e| e.address.as_str())
+            == Some("10.0.0.8")
+    })
+    .await;
+    let u = eg.update().await;
+    assert_eq!(services(&u)["backend"].endpoints[0].zone, "west");
+    drop(eg);
+    web.until(&mut held, "no endpoint without the egress", |h| {
+        h.services["backend"].endpoints.is_empty()
+    })
+    .await;
+}

@@ -15,6 +15,10 @@
 //! Endpoint set of service S of mesh M for a proxy: the local instances, plus, for every
 //! other zone Z whose MeshService for S reports `status.instances > 0`, one endpoint per
 //! ZoneIngress of Z (weight = instances). Zone ingresses get only the local instances.
+//! When M's `routing.zoneEgress` is true, Z's endpoints are this zone's egresses instead
+//! (still `zone` = Z, weight = instances, no `server_identity`: the egress passes the TLS
+//! through), none without an egress; the egresses get, per such S, Z's ingresses (the
+//! "routes": a set without `external`, each endpoint's `zone` = Z).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -258,10 +262,18 @@ pub struct Index {
     /// Other zones' ZoneIngresses: per zone, per name, the address other zones dial.
     remote_ingresses: BTreeMap<String, BTreeMap<String, (String, u32)>>,
     remote_ingress_zone: HashMap<String, String>,
+    /// Meshes whose proxies got no cross-zone endpoints because the mesh requires the egress
+    /// and none is connected: logged once per mesh until an egress connects.
+    no_egress_logged: Mutex<BTreeSet<String>>,
     vips: vip::Allocator,
     /// Services whose managed MeshService may have to change.
     dirty_services: BTreeSet<SvcKey>,
     writer: Arc<Notify>,
+}
+
+/// Whether a Mesh's spec requires cross-zone traffic to go through the zone egress.
+fn zone_egress_routing(spec: &MeshSpec) -> bool {
+    spec.routing.as_ref().and_then(|r| r.zone_egress) == Some(true)
 }
 
 /// Whether resources of `kind` go into a mesh's policy context.
@@ -417,6 +429,7 @@ impl Index {
             remote_keys: HashMap::new(),
             remote_ingresses: BTreeMap::new(),
             remote_ingress_zone: HashMap::new(),
+            no_egress_logged: Mutex::new(BTreeSet::new()),
             vips,
             dirty_services: BTreeSet::new(),
             writer: Arc::new(Notify::new()),
@@ -644,6 +657,9 @@ impl Index {
             wake.extend(self.ingresses.iter().cloned());
             self.dirty_services.insert(k.clone());
             self.writer.notify_one();
+        } else if self.requires_egress(&k.0) {
+            // Another zone's offer: the egresses' routes to it.
+            wake.extend(self.egresses.keys().cloned());
         }
         for w in wake {
             if let Some(s) = self.sessions.get_mut(&w) {
@@ -954,8 +970,11 @@ impl Index {
                 m.resources.remove(key);
             }
         }
+        let mut egress_routing_changed = false;
         if key.kind == Kind::Mesh {
+            let before = m.spec.as_ref().is_some_and(zone_egress_routing);
             m.spec = resource.and_then(|r| serde_json::from_value(r.spec.clone()).ok());
+            egress_routing_changed = before != m.spec.as_ref().is_some_and(zone_egress_routing);
         }
         m.snapshot = None;
         if !same_policy_input {
@@ -979,6 +998,20 @@ impl Index {
                 }
             }
             self.wake_egresses(all);
+        }
+        if egress_routing_changed {
+            // Other zones' services now go through the egress, or no longer do: the proxies'
+            // endpoints change, and the egresses get (or lose) the routes.
+            let remote: Vec<SvcKey> = self
+                .remote
+                .keys()
+                .filter(|k| k.0 == mesh)
+                .cloned()
+                .collect();
+            for k in &remote {
+                self.touched(k, false);
+            }
+            self.wake_egresses(remote);
         }
     }
 
@@ -1021,6 +1054,36 @@ impl Index {
         out
     }
 
+    /// Whether `mesh` requires cross-zone traffic to leave through the zone egress
+    /// (`Mesh.spec.routing.zoneEgress`).
+    pub fn requires_egress(&self, mesh: &str) -> bool {
+        self.meshes
+            .get(mesh)
+            .and_then(|m| m.spec.as_ref())
+            .is_some_and(zone_egress_routing)
+    }
+
+    /// Whether the egresses get a set for `k`: a MeshExternalService, or another zone's
+    /// service of a mesh that requires the egress (its routes).
+    fn egress_wants(&self, k: &SvcKey) -> bool {
+        self.external(k).is_some() || (self.requires_egress(&k.0) && self.remote.contains_key(k))
+    }
+
+    /// Every set the egresses get: external services, then other zones' services of the
+    /// meshes that require the egress.
+    fn egress_services(&self) -> Vec<SvcKey> {
+        let mut out = self.all_externals();
+        let mut routes: Vec<SvcKey> = self
+            .remote
+            .keys()
+            .filter(|k| self.requires_egress(&k.0) && self.external(k).is_none())
+            .cloned()
+            .collect();
+        routes.sort();
+        out.extend(routes);
+        out
+    }
+
     /// The egresses have to be sent these external services again.
     fn wake_egresses(&mut self, services: impl IntoIterator<Item = SvcKey>) {
         let services: Vec<SvcKey> = services.into_iter().collect();
@@ -1035,9 +1098,22 @@ impl Index {
         }
     }
 
-    /// An egress came or went: every external service's endpoints changed for proxies.
+    /// An egress came or went: every external service's endpoints changed for proxies, and
+    /// so did other zones' services in the meshes that require the egress.
     fn egresses_changed(&mut self) {
-        for k in self.all_externals() {
+        if !self.egresses.is_empty() {
+            self.no_egress_logged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        let routes: Vec<SvcKey> = self
+            .remote
+            .keys()
+            .filter(|k| self.requires_egress(&k.0))
+            .cloned()
+            .collect();
+        for k in self.all_externals().into_iter().chain(routes) {
             self.touched(&k, false);
         }
     }
@@ -1232,6 +1308,11 @@ impl Index {
             .get(k)
             .map(ServiceEntry::local)
             .unwrap_or_default();
+        if role == Role::Egress {
+            // The egress's routes: other zones' ingresses only (it passes this zone's
+            // proxies' connections through to them).
+            endpoints.clear();
+        }
         let declared = || {
             let all: BTreeSet<&String> = self
                 .declared
@@ -1253,7 +1334,10 @@ impl Index {
             .or_else(declared)
             .or_else(remote_protocol)
             .unwrap_or_else(|| "tcp".to_string());
-        if matches!(role, Role::Proxy { .. }) {
+        let via_egress = matches!(role, Role::Proxy { .. }) && self.requires_egress(&k.0);
+        if via_egress {
+            endpoints.extend(self.through_egress(k, remote));
+        } else if matches!(role, Role::Proxy { .. }) || role == Role::Egress {
             for (zone, r) in remote.into_iter().flatten() {
                 if r.instances == 0 {
                     continue;
@@ -1279,7 +1363,7 @@ impl Index {
         }
         pb::ServiceEndpoints {
             service: k.1.clone(),
-            mesh: if role == Role::Ingress {
+            mesh: if matches!(role, Role::Ingress | Role::Egress) {
                 k.0.clone()
             } else {
                 String::new()
@@ -1288,6 +1372,59 @@ impl Index {
             endpoints,
             external: None,
         }
+    }
+
+    /// A proxy's endpoints for the other zones of `k` when its mesh requires the egress: per
+    /// zone Z with instances and an ingress, each of this zone's egresses, with `zone` = Z
+    /// (the proxy sends Z's SNI and treats them as remote) and no `server_identity` (the
+    /// TLS goes through the egress to Z's backend). None, logged once, without an egress.
+    fn through_egress(
+        &self,
+        k: &SvcKey,
+        remote: Option<&BTreeMap<String, Remote>>,
+    ) -> Vec<pb::Endpoint> {
+        let zones: Vec<(&String, u32)> = remote
+            .into_iter()
+            .flatten()
+            .filter(|(z, r)| {
+                r.instances > 0 && self.remote_ingresses.get(*z).is_some_and(|i| !i.is_empty())
+            })
+            .map(|(z, r)| (z, r.instances))
+            .collect();
+        if zones.is_empty() {
+            return Vec::new();
+        }
+        if self.egresses.is_empty() {
+            let first = self
+                .no_egress_logged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(k.0.clone());
+            if first {
+                tracing::warn!(mesh = %k.0, zone = %self.zone, "no endpoints in other zones: the mesh requires cross-zone traffic to leave through the zone egress (routing.zoneEgress) and no zone egress is connected to this zone (run `weft-ingress run --mode egress`)");
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (zone, instances) in zones {
+            for ((_, name), (address, port)) in &self.egresses {
+                out.push(pb::Endpoint {
+                    address: address.clone(),
+                    port: *port,
+                    dataplane: name.clone(),
+                    zone: zone.clone(),
+                    tags: [
+                        (SERVICE_TAG.to_string(), k.1.clone()),
+                        (ZONE_LABEL.to_string(), zone.clone()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    weight: instances,
+                    server_identity: String::new(),
+                });
+            }
+        }
+        out
     }
 
     /// The endpoint set of MeshExternalService `k`: for the egress, the external endpoints,
@@ -1411,7 +1548,7 @@ impl Index {
         let names: Vec<SvcKey> = if pending.full {
             match role {
                 Role::Ingress => self.local_services().into_iter().collect(),
-                Role::Egress => self.all_externals(),
+                Role::Egress => self.egress_services(),
                 Role::Proxy { virtual_outbounds } => {
                     let mut n: BTreeSet<String> = wanted.clone();
                     if virtual_outbounds {
@@ -1426,13 +1563,14 @@ impl Index {
             let mut readd = Vec::new();
             for k in pending_services {
                 if role == Role::Egress {
-                    if self.external(&k).is_some() {
+                    if self.egress_wants(&k) {
                         out.push(k);
                     } else {
+                        // (The session sends the removal only when the egress has the name.)
                         // Removals name no mesh: the egress drops the name from every mesh,
                         // so the others' sets of that name go again in the same update.
                         readd.extend(
-                            self.all_externals()
+                            self.egress_services()
                                 .into_iter()
                                 .filter(|o| o.1 == k.1 && o.0 != k.0),
                         );
@@ -1503,11 +1641,13 @@ impl Index {
         if let Some(v) = &update.view_json {
             s.sent.view_json = Some(v.clone());
         }
+        // As the receiver applies them: removals first, by name from every mesh (an
+        // ingress's or egress's sets are recorded under their own mesh), then the sets.
+        for svc in &update.removed_services {
+            s.sent.services.retain(|(_, name), _| name != svc);
+        }
         for svc in &update.services {
             s.sent.services.insert(sent_key(&key.0, svc), svc.clone());
-        }
-        for svc in &update.removed_services {
-            s.sent.services.remove(&(key.0.clone(), svc.clone()));
         }
         s.insight.last_sent_nonce = update.nonce;
     }

@@ -1033,11 +1033,6 @@ impl Session {
             self.hub.index().restore(&self.key, self.id, plan.pending);
             return Ok(());
         }
-        let services: Vec<pb::ServiceEndpoints> = plan
-            .services
-            .into_iter()
-            .filter(|s| full || plan.sent_services.get(&index::sent_key(&self.key.0, s)) != Some(s))
-            .collect();
         let removed: Vec<String> = plan
             .pending
             .removed
@@ -1053,6 +1048,16 @@ impl Session {
                     }
             })
             .cloned()
+            .collect();
+        // A set of a name removed in the same update goes again even when unchanged: the
+        // removal (by name) takes that name out of every mesh of an ingress or egress.
+        let services: Vec<pb::ServiceEndpoints> = plan
+            .services
+            .into_iter()
+            .filter(|s| {
+                full || removed.contains(&s.service)
+                    || plan.sent_services.get(&index::sent_key(&self.key.0, s)) != Some(s)
+            })
             .collect();
         if !full
             && view_json.is_none()
