@@ -16,6 +16,15 @@
 //! Permissions are re-checked on every routing-table change: a connection whose caller is
 //! no longer allowed is cut (HTTP clients pool their connections; a permission change must
 //! reach them without waiting for the pool to recycle).
+//!
+//! **Cross-zone passthrough** (`Mesh.spec.routing.zoneEgress`): the zone gives such a mesh's
+//! proxies this egress as the endpoint of other zones' services, and gives the egress the
+//! routes (a set without `external`, endpoints = the other zones' ingresses with their
+//! zone). An SNI naming another zone that the table has a route to is **not terminated**:
+//! the buffered ClientHello and then the bytes go to that zone's ingress, as the ingress does
+//! it ([`proxy::pass`]); the mTLS stays end to end between the caller and the remote backend,
+//! which authenticates the caller and applies its permissions. Counted in
+//! `passthrough_connections_total{mesh, service, zone}`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +53,7 @@ use weft_core::names::Sni;
 use weft_core::pki::{self, SpiffeId};
 use weft_core::spec::policies::Action;
 
+use crate::hello;
 use crate::metrics::Reason;
 use crate::proxy;
 use crate::table::{Service, Table, Verification};
@@ -525,11 +535,18 @@ pub struct Context {
     pub upstream: Arc<Upstream>,
 }
 
-/// Where an SNI goes in `table`: the external service, or why not.
-pub fn route(
-    table: &Table,
-    server_name: Option<&str>,
-) -> Result<(Sni, Arc<Service>), proxy::Refusal> {
+/// Where a connection goes.
+#[derive(Debug)]
+pub enum Route {
+    /// A MeshExternalService of this zone: terminate the caller's mTLS, check permissions.
+    External(Sni, Arc<Service>),
+    /// Another zone's service of a mesh that requires the egress: pass the TLS through to
+    /// that zone's ingresses (the endpoints of the service in `sni.zone`).
+    Passthrough(Sni, Arc<Service>),
+}
+
+/// Where an SNI goes in `table`: an external service, another zone's ingress, or why not.
+pub fn route(table: &Table, server_name: Option<&str>) -> Result<Route, proxy::Refusal> {
     let refusal = |reason, detail: String| proxy::Refusal { reason, detail };
     let name =
         server_name.ok_or_else(|| refusal(Reason::NoSni, "no SNI in the ClientHello".into()))?;
@@ -537,13 +554,28 @@ pub fn route(
         .parse()
         .map_err(|e: String| refusal(Reason::BadSni, e))?;
     if sni.zone != table.zone {
-        return Err(refusal(
-            Reason::OtherZone,
-            format!(
-                "SNI {name:?} is for zone {:?}; this egress serves the proxies of zone {:?} (passing other zones' traffic through, Mesh routing.zoneEgress, is not implemented)",
-                sni.zone, table.zone
-            ),
-        ));
+        let service = table
+            .get(&sni.mesh, &sni.service)
+            .filter(|s| s.external.is_none())
+            .ok_or_else(|| {
+                refusal(
+                    Reason::OtherZone,
+                    format!(
+                        "SNI {name:?} is for zone {:?}; this egress serves the proxies of zone {:?} and has no route to service {:?} of mesh {:?} in other zones (only meshes with routing.zoneEgress: true get routes)",
+                        sni.zone, table.zone, sni.service, sni.mesh
+                    ),
+                )
+            })?;
+        if !service.endpoints.iter().any(|e| e.zone == sni.zone) {
+            return Err(refusal(
+                Reason::NoEndpoint,
+                format!(
+                    "service {:?} of mesh {:?}: no ingress of zone {:?} to pass the connection to",
+                    sni.service, sni.mesh, sni.zone
+                ),
+            ));
+        }
+        return Ok(Route::Passthrough(sni, service.clone()));
     }
     let service = table
         .get(&sni.mesh, &sni.service)
@@ -566,7 +598,7 @@ pub fn route(
             ),
         ));
     }
-    Ok((sni, service.clone()))
+    Ok(Route::External(sni, service.clone()))
 }
 
 /// Whether `caller` may use `service` now.
@@ -615,28 +647,22 @@ fn refuse(ctx: &Context, r: proxy::Refusal) {
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, ctx: Context) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Context) {
     let _ = client.set_nodelay(true);
     let refusal = |reason, detail: String| proxy::Refusal { reason, detail };
-    // Plaintext is told apart by the first byte (a TLS record starts with 22).
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(ctx.base.timing.hello_timeout, client.peek(&mut first)).await {
-        Ok(Ok(1..)) if first[0] == 0x16 => {}
-        Ok(Ok(1..)) => {
-            return refuse(&ctx, refusal(Reason::Plaintext, "not TLS".into()));
+    // The ClientHello is read and buffered first, without terminating anything: a
+    // passthrough replays it as it came; a terminated connection feeds it to rustls.
+    let read = tokio::time::timeout(ctx.base.timing.hello_timeout, hello::read(&mut client)).await;
+    let (hello, buffered) = match read {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let reason = match &e {
+                hello::Error::Plaintext => Reason::Plaintext,
+                hello::Error::Malformed(_) | hello::Error::TooLarge => Reason::BadTls,
+                hello::Error::Closed | hello::Error::Io(_) => Reason::EarlyClose,
+            };
+            return refuse(&ctx, refusal(reason, e.to_string()));
         }
-        _ => {
-            return refuse(&ctx, refusal(Reason::EarlyClose, "no ClientHello".into()));
-        }
-    }
-    let start = tokio::time::timeout(
-        ctx.base.timing.hello_timeout,
-        LazyConfigAcceptor::new(Acceptor::default(), client),
-    )
-    .await;
-    let start = match start {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return refuse(&ctx, refusal(Reason::BadTls, e.to_string())),
         Err(_) => {
             return refuse(
                 &ctx,
@@ -644,13 +670,29 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Context) {
             );
         }
     };
-    let server_name = start.client_hello().server_name().map(str::to_string);
     let table = ctx.base.routes.current();
-    let (sni, service) = match route(&table, server_name.as_deref()) {
-        Ok(r) => r,
+    let route = route(&table, hello.server_name.as_deref());
+    drop(table);
+    let (sni, service) = match route {
+        Ok(Route::External(sni, service)) => (sni, service),
+        Ok(Route::Passthrough(sni, service)) => {
+            return passthrough(&ctx, client, buffered, sni, service, peer).await;
+        }
         Err(r) => return refuse(&ctx, r),
     };
-    drop(table);
+    let start = LazyConfigAcceptor::new(
+        Acceptor::default(),
+        Replay {
+            head: buffered,
+            at: 0,
+            io: client,
+        },
+    )
+    .await;
+    let start = match start {
+        Ok(s) => s,
+        Err(e) => return refuse(&ctx, refusal(Reason::BadTls, e.to_string())),
+    };
     let Some(config) = ctx.certs.server_config(&sni.mesh) else {
         return refuse(
             &ctx,
@@ -756,6 +798,77 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Context) {
                 }
             }
         }
+    }
+}
+
+/// Pass the connection, still encrypted, to an ingress of `sni.zone` (the caller's mesh
+/// requires the egress for cross-zone traffic).
+async fn passthrough(
+    ctx: &Context,
+    client: TcpStream,
+    buffered: Vec<u8>,
+    sni: Sni,
+    service: Arc<Service>,
+    peer: SocketAddr,
+) {
+    let Some(upstream) = proxy::connect(&ctx.base, &service, service.pick_in_zone(&sni.zone)).await
+    else {
+        tracing::warn!(%sni, zone = %sni.zone, "no ingress of the zone accepted the connection; closing");
+        return;
+    };
+    let conn = ctx.base.metrics.conn(&sni.mesh, &sni.service);
+    let _active = ctx
+        .base
+        .metrics
+        .passed(&sni.mesh, &sni.service, &sni.zone, &conn);
+    tracing::debug!(%sni, "passing through to the zone's ingress");
+    proxy::pass(client, upstream, buffered, &conn, &sni, peer).await;
+}
+
+/// The client socket with the bytes already read from it (the ClientHello) put back in
+/// front, for rustls to read again.
+struct Replay<S> {
+    head: Vec<u8>,
+    at: usize,
+    io: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            if self.at == self.head.len() {
+                self.head = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -7,7 +7,10 @@
 //!   `rx` read from it (the buffered ClientHello included) and `tx` written to it;
 //! - `refused_total{reason}`: connections closed before routing, by reason (see
 //!   [`Reason`]); every reason is present from the start, at 0;
-//! - `upstream_connect_failures_total`: failed connects to local endpoints (each attempt).
+//! - `upstream_connect_failures_total`: failed connects to local endpoints (each attempt);
+//! - `passthrough_connections_total{mesh, service, zone}` (egress): connections passed,
+//!   still encrypted, to another zone's ingress (`routing.zoneEgress`); their bytes and
+//!   active count are in `bytes_total` and `active_connections` under the same mesh/service.
 //!
 //! Session: `zone_connected`, `zone_reconnects_total`, `updates_total{result="ack|nack"}`.
 //!
@@ -100,6 +103,13 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ZoneLabels {
+    mesh: String,
+    service: String,
+    zone: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -116,6 +126,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
     upstream_failures: Counter,
+    passthrough: Family<ZoneLabels, Counter>,
     zone_connected: Gauge,
     reconnects: Counter,
     updates: Family<ResultLabels, Counter>,
@@ -163,6 +174,7 @@ impl Metrics {
         let bytes = Family::<BytesLabels, Counter>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let upstream_failures = Counter::default();
+        let passthrough = Family::<ZoneLabels, Counter>::default();
         let zone_connected = Gauge::default();
         let reconnects = Counter::default();
         let updates = Family::<ResultLabels, Counter>::default();
@@ -192,6 +204,11 @@ impl Metrics {
             upstream_failures.clone(),
         );
         registry.register(
+            "passthrough_connections",
+            "Egress: connections passed through, still encrypted, to another zone's ingress",
+            passthrough.clone(),
+        );
+        registry.register(
             "zone_connected",
             "Whether the ingress is registered with its zone on a live stream (1) or not (0)",
             zone_connected.clone(),
@@ -219,6 +236,7 @@ impl Metrics {
             bytes,
             refused,
             upstream_failures,
+            passthrough,
             zone_connected,
             reconnects,
             updates,
@@ -266,6 +284,20 @@ impl Metrics {
             .get_or_create(&ServiceLabels {
                 mesh: mesh.to_string(),
                 service: service.to_string(),
+            })
+            .inc();
+        conn.active.inc();
+        ActiveGuard(conn.active.clone())
+    }
+
+    /// Count a connection passed through to `zone`'s ingress (egress), active until the
+    /// guard drops.
+    pub fn passed(&self, mesh: &str, service: &str, zone: &str, conn: &Conn) -> ActiveGuard {
+        self.passthrough
+            .get_or_create(&ZoneLabels {
+                mesh: mesh.to_string(),
+                service: service.to_string(),
+                zone: zone.to_string(),
             })
             .inc();
         conn.active.inc();

@@ -33,8 +33,8 @@ use tracing::Instrument as _;
 use weft_core::names::Sni;
 
 use crate::hello;
-use crate::metrics::{Metrics, Reason};
-use crate::table::{Routes, Service, Table};
+use crate::metrics::{Conn, Metrics, Reason};
+use crate::table::{Endpoint, Routes, Service, Table};
 
 /// The data path's timers.
 #[derive(Clone, Copy, Debug)]
@@ -183,7 +183,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Context) {
         Err(r) => return refuse(&ctx, r),
     };
     drop(table);
-    let Some(mut upstream) = connect(&ctx, &service).await else {
+    let Some(upstream) = connect(&ctx, &service, service.pick()).await else {
         tracing::warn!(
             %sni, endpoints = service.endpoints.len(),
             "no endpoint of the service accepted the connection; closing"
@@ -192,6 +192,20 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Context) {
     };
     let conn = ctx.metrics.conn(&sni.mesh, &sni.service);
     let _active = ctx.metrics.opened(&sni.mesh, &sni.service, &conn);
+    pass(client, upstream, buffered, &conn, &sni, peer).await;
+}
+
+/// The passthrough itself: replay the `buffered` ClientHello to `upstream`, then splice both
+/// directions until both sides are done, counting the client side's bytes in `conn`. The
+/// ingress and the egress's cross-zone routes (`routing.zoneEgress`) both end here.
+pub(crate) async fn pass(
+    client: TcpStream,
+    mut upstream: TcpStream,
+    buffered: Vec<u8>,
+    conn: &Conn,
+    sni: &Sni,
+    peer: SocketAddr,
+) {
     conn.rx.inc_by(buffered.len() as u64);
     tracing::debug!(%sni, upstream = ?upstream.peer_addr().ok(), "routed");
     if let Err(e) = upstream.write_all(&buffered).await {
@@ -223,9 +237,14 @@ fn refuse(ctx: &Context, r: Refusal) {
     }
 }
 
-/// Connect to the service's endpoints in round-robin order until one accepts.
-async fn connect(ctx: &Context, service: &Service) -> Option<TcpStream> {
-    for ep in service.pick() {
+/// Connect to `endpoints` of `service` (in the order given: [`Service::pick`] is round
+/// robin) until one accepts.
+pub(crate) async fn connect<'a>(
+    ctx: &Context,
+    service: &Service,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> Option<TcpStream> {
+    for ep in endpoints {
         let attempt = tokio::time::timeout(
             ctx.timing.connect_timeout,
             TcpStream::connect((ep.address.as_str(), ep.port)),
@@ -243,7 +262,7 @@ async fn connect(ctx: &Context, service: &Service) -> Option<TcpStream> {
         tracing::warn!(
             mesh = %service.mesh, service = %service.service,
             endpoint = %ep.authority(), dataplane = %ep.dataplane, %error,
-            "connecting to a local endpoint failed; trying the next one"
+            zone = %ep.zone, "connecting to an endpoint failed; trying the next one"
         );
     }
     None
@@ -297,7 +316,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::Endpoint;
 
     fn mk_table() -> Table {
         let mut t = Table {
@@ -308,6 +326,7 @@ mod tests {
             address: "127.0.0.1".into(),
             port: 1,
             dataplane: "dp".into(),
+            zone: "east".into(),
         };
         t.services.insert(
             crate::table::Key::new("payments", "backend"),

@@ -12,6 +12,11 @@
 //! the `services` of the same update are inserted. So a zone that removes `backend` from mesh
 //! `a` while `backend` still exists in mesh `b` re-sends mesh `b`'s set in the same update.
 //! A service with an empty endpoint list stays in the table: it is known, with no endpoints.
+//!
+//! A zone egress's table also holds, for the meshes that require the egress
+//! (`routing.zoneEgress`), the routes to other zones' services: a set without `external`
+//! whose endpoints are other zones' ingresses, each with its `zone`
+//! ([`Service::pick_in_zone`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,7 +53,8 @@ pub struct Service {
     /// A zone egress's MeshExternalService: how to reach the endpoints and who may.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external: Option<External>,
-    /// Round-robin position; a new set (after an update) starts again at 0.
+    /// Round-robin position (shared by every zone's subset); a new set (after an update)
+    /// starts again at 0.
     #[serde(skip)]
     next: AtomicUsize,
 }
@@ -102,6 +108,19 @@ impl Service {
         };
         (0..n).map(move |i| &self.endpoints[(start + i) % n])
     }
+
+    /// Like [`Service::pick`], over the endpoints in `zone` only (an egress's route to that
+    /// zone's ingresses).
+    pub fn pick_in_zone<'a>(&'a self, zone: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+        let in_zone: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.zone == zone).collect();
+        let n = in_zone.len();
+        let start = if n == 0 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % n
+        };
+        (0..n).map(move |i| in_zone[(start + i) % n])
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -109,8 +128,10 @@ pub struct Endpoint {
     /// IP address or host name.
     pub address: String,
     pub port: u16,
-    /// The Dataplane behind it.
+    /// The Dataplane behind it (or the ingress, for an egress's route to another zone).
     pub dataplane: String,
+    /// The zone the endpoint is in (another zone, for an egress's routes).
+    pub zone: String,
 }
 
 impl Endpoint {
@@ -189,6 +210,7 @@ impl Table {
                     address: e.address.clone(),
                     port,
                     dataplane: e.dataplane.clone(),
+                    zone: e.zone.clone(),
                 });
             }
             let mut service = Service::new(&s.mesh, &s.service, &s.protocol, endpoints);
@@ -467,6 +489,7 @@ mod tests {
                 address: "127.0.0.1".into(),
                 port: p,
                 dataplane: String::new(),
+                zone: if p == 2 { "west".into() } else { String::new() },
             })
             .collect();
         let s = Service::new("m", "s", "tcp", eps);
@@ -477,5 +500,8 @@ mod tests {
         assert_eq!(order(&s), vec![1, 2, 3]);
         let empty = Service::new("m", "s", "tcp", vec![]);
         assert_eq!(empty.pick().count(), 0);
+        let west = |s: &Service| s.pick_in_zone("west").map(|e| e.port).collect::<Vec<_>>();
+        assert_eq!(west(&s), vec![2]);
+        assert_eq!(s.pick_in_zone("north").count(), 0);
     }
 }

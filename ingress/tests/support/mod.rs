@@ -134,7 +134,12 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(pki: &Pki, name: &str) -> Backend {
-        let leaf = pki.issue(&[SNI]);
+        Backend::start_for(pki, name, SNI).await
+    }
+
+    /// A backend whose certificate is for `server_name`.
+    pub async fn start_for(pki: &Pki, name: &str, server_name: &str) -> Backend {
+        let leaf = pki.issue(&[server_name]);
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&leaf));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
