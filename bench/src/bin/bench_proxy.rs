@@ -78,6 +78,10 @@ struct Args {
     /// MALLOC_ARENA_MAX=1 to see what glibc's arenas cost.
     #[arg(long)]
     idle_env: Vec<String>,
+    /// The weft-dp binary of the idle check (default: the one next to this binary), e.g. one
+    /// built with another release profile.
+    #[arg(long)]
+    idle_weft_dp: Option<PathBuf>,
     /// Also write every sample as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -699,7 +703,8 @@ impl WeftEnv {
         service: &str,
         dataplane: &str,
     ) -> anyhow::Result<(Proc, u16)> {
-        self.dp_env(zone, dir, name, service, dataplane, &[]).await
+        self.dp_env(zone, dir, name, service, dataplane, &[], None)
+            .await
     }
 
     /// [`WeftEnv::dp`] with environment variables (KEY=VALUE) for the process.
@@ -711,8 +716,12 @@ impl WeftEnv {
         service: &str,
         dataplane: &str,
         env: &[String],
+        bin: Option<&Path>,
     ) -> anyhow::Result<(Proc, u16)> {
-        let bin = sibling_bin("weft-dp")?;
+        let bin = match bin {
+            Some(b) => b.to_path_buf(),
+            None => sibling_bin("weft-dp")?,
+        };
         let file = dir.join(format!("{name}.yaml"));
         std::fs::write(&file, dataplane)?;
         let token = self.token(name, service, dir).await?;
@@ -821,9 +830,10 @@ spec:
     /// beside the same weft-dp with no outbound (the baseline: what the binary costs).
     async fn idle(&self, args: &Args, dir: &Path, n: usize) -> anyhow::Result<Idle> {
         let env = &args.idle_env;
+        let bin = args.idle_weft_dp.as_deref();
         let baseline_yaml = idle_yaml("idle-0", 0);
         let (p0, _) = self
-            .dp_env(&self.zone, dir, "idle-0", "idle", &baseline_yaml, env)
+            .dp_env(&self.zone, dir, "idle-0", "idle", &baseline_yaml, env, bin)
             .await
             .context("baseline weft-dp (no outbound)")?;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -856,7 +866,7 @@ spec:
         };
         let yaml = idle_yaml("idle-1", n);
         let (p, admin) = self
-            .dp_env(&self.zone, dir, "idle-1", "idle", &yaml, env)
+            .dp_env(&self.zone, dir, "idle-1", "idle", &yaml, env, bin)
             .await?;
         // Let it settle (first full update applied, allocator quiet).
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1721,11 +1731,14 @@ fn report(
                 }
                 _ => "its /config did not list services in a shape this benchmark reads".into(),
             };
-            let env = if i.env.is_empty() {
+            let mut env = if i.env.is_empty() {
                 String::new()
             } else {
                 format!(", environment {}", i.env.join(" "))
             };
+            if let Some(b) = &args.idle_weft_dp {
+                let _ = write!(env, ", binary {}", b.display());
+            }
             let _ = writeln!(
                 out,
                 "- idle weft-dp with outbounds to {} services ({}; {cfg}{env}): VmRSS {} KiB when ready, {} KiB 5 s later = {mb:.2} MB (goal < 10 MB): {}",
