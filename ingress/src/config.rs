@@ -39,7 +39,8 @@ pub enum Command {
 pub enum Mode {
     /// Zone ingress: other zones' proxies connect here; routed by SNI to local services.
     Ingress,
-    /// Zone egress: this zone's proxies reach MeshExternalServices through it.
+    /// Zone egress: this zone's proxies reach MeshExternalServices through it, and other
+    /// zones too when their mesh has routing.zoneEgress (passed through, not terminated).
     Egress,
 }
 

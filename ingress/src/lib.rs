@@ -15,7 +15,9 @@
 //! `--mode egress` runs the zone egress instead ([`egress`]): same session (a ZoneEgress, a
 //! zone token of scope `egress`, plus a certificate per mesh), admin and metrics
 //! (`weft_egress_*`), but the listener terminates this zone's proxies' mTLS, enforces
-//! MeshTrafficPermission and connects to MeshExternalServices.
+//! MeshTrafficPermission and connects to MeshExternalServices; connections for other zones
+//! of meshes with `routing.zoneEgress` are passed through to those zones' ingresses
+//! untouched, by the ingress's own code ([`proxy::pass`]).
 
 pub mod admin;
 pub mod config;

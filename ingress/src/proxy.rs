@@ -198,7 +198,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Context) {
 /// The passthrough itself: replay the `buffered` ClientHello to `upstream`, then splice both
 /// directions until both sides are done, counting the client side's bytes in `conn`. The
 /// ingress and the egress's cross-zone routes (`routing.zoneEgress`) both end here.
-pub(crate) async fn pass(
+pub async fn pass(
     client: TcpStream,
     mut upstream: TcpStream,
     buffered: Vec<u8>,
@@ -239,7 +239,7 @@ fn refuse(ctx: &Context, r: Refusal) {
 
 /// Connect to `endpoints` of `service` (in the order given: [`Service::pick`] is round
 /// robin) until one accepts.
-pub(crate) async fn connect<'a>(
+pub async fn connect<'a>(
     ctx: &Context,
     service: &Service,
     endpoints: impl Iterator<Item = &'a Endpoint>,
