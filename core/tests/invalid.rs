@@ -162,14 +162,15 @@ fn spec_that_is_not_an_object() {
 
 #[test]
 fn target_ref_kind_not_allowed_at_top() {
+    // (A MeshTrafficPermission may target a MeshExternalService: the zone egress enforces it.)
     let text = doc(
-        "MeshTrafficPermission",
-        "{targetRef: {kind: MeshExternalService, name: ext}, from: [{targetRef: {kind: Mesh}, default: {action: Allow}}]}",
+        "MeshTimeout",
+        "{targetRef: {kind: MeshExternalService, name: ext}, to: [{targetRef: {kind: Mesh}, default: {idleTimeout: 1s}}]}",
     );
     expect_exactly(
         &text,
         "spec.targetRef.kind",
-        "MeshExternalService is not allowed here (allowed: Mesh, MeshSubset, MeshService, MeshServiceSubset, Dataplane)",
+        "MeshExternalService is not allowed here (allowed: Mesh, MeshSubset, MeshService, MeshServiceSubset, Dataplane, MeshHTTPRoute)",
     );
 }
 
