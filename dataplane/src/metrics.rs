@@ -22,7 +22,7 @@
 //! - `dns_queries_total{result}` (`vip`, `nodata`, `nxdomain`, `forwarded`, `servfail`,
 //!   `formerr`): the embedded DNS server's answers (`--dns-address`);
 //! - `vip_listeners`, `vip_bind_failures_total`: VIP outbound listeners (`--bind-vips`);
-//! - `transparent_connections_total{result}` (`vip`, `unknown`, `not_redirected`, `failed`):
+//! - `transparent_connections_total{result}` (`vip`, `unknown`, `not_redirected`):
 //!   connections redirected to the transparent outbound (`--transparent-outbound-port`).
 
 use std::borrow::Cow;
@@ -220,7 +220,7 @@ impl Metrics {
 
     /// One connection taken by the transparent outbound: handed to a VIP's outbound (`vip`),
     /// closed for an original destination that is no VIP:port (`unknown`) or for none
-    /// (`not_redirected`), or not handed over (`failed`).
+    /// (`not_redirected`).
     pub fn transparent_connection(&self, result: &'static str) {
         self.families
             .transparent

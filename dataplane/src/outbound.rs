@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use weft_core::spec::fields::Protocol;
 
@@ -83,7 +85,8 @@ pub async fn serve(
     balancer: Arc<Balancer>,
     ctx: Context,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared::new(balancer, ctx.clone()));
+    let handler = Handler::with_balancer(balancer, ctx.clone());
+    let shared = handler.0.clone();
     let local = listener.local_addr()?;
     tracing::debug!(service = shared.lb.service(), %local, "outbound listening");
     loop {
@@ -103,14 +106,41 @@ pub async fn serve(
                 }
             }
         };
+        handler.spawn(stream, peer);
+    }
+    tracing::debug!(service = shared.lb.service(), %local, "outbound stopped accepting");
+    Ok(())
+}
+
+/// An outbound without a listener of its own: serves connections accepted elsewhere (the
+/// transparent mode's redirected ones) exactly as [`serve`] serves its own. Cheap to clone.
+#[derive(Clone)]
+pub struct Handler(Arc<Shared>);
+
+impl Handler {
+    /// The handler of `outbound`; `ctx.draining` ends its HTTP connections after their
+    /// in-flight requests.
+    pub fn new(outbound: &Outbound, ctx: &Context) -> Handler {
+        Handler::with_balancer(balancer(outbound, ctx), ctx.clone())
+    }
+
+    fn with_balancer(balancer: Arc<Balancer>, ctx: Context) -> Handler {
+        Handler(Arc::new(Shared::new(balancer, ctx)))
+    }
+
+    /// Serve one accepted connection on a task of `ctx.tasks`: L7 when the service's
+    /// protocol (looked up now) is http, http2 or grpc, else L4.
+    pub fn spawn(&self, stream: TcpStream, peer: SocketAddr) {
+        let shared = self.0.clone();
         let _ = stream.set_nodelay(true);
-        let protocol = ctx
+        let protocol = shared
+            .ctx
             .state
             .service(shared.lb.service())
             .map_or(Protocol::Tcp, |s| s.protocol);
         let span = tracing::debug_span!("outbound", service = shared.lb.service(), %peer);
-        let shared = shared.clone();
-        ctx.tasks.spawn(
+        let tasks = shared.ctx.tasks.clone();
+        tasks.spawn(
             async move {
                 match protocol {
                     Protocol::Tcp => tcp::serve(stream, &shared).await,
@@ -122,8 +152,6 @@ pub async fn serve(
             .instrument(span),
         );
     }
-    tracing::debug!(service = shared.lb.service(), %local, "outbound stopped accepting");
-    Ok(())
 }
 
 /// What every connection of one outbound shares.

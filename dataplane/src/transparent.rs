@@ -8,10 +8,10 @@
 //! A destination that is not a `VIP:port` of the table is closed, logged at debug and counted
 //! (`weft_dp_transparent_connections_total{result="unknown"}`).
 //!
-//! The hand-off goes through an internal outbound listener per target on an ephemeral port of
-//! 127.0.0.1, started on the target's first connection and stopped when the target leaves the
-//! table; the redirected connection is spliced to it. That costs one loopback hop, the price
-//! of reusing [`outbound::run`] as it is (it serves a listener, not single connections).
+//! The hand-off is direct: one [`outbound::Handler`] per target (service and pinned zone),
+//! made on the target's first connection and dropped, with its HTTP connections drained, when
+//! the target leaves the table; the redirected connection is served by it like a connection
+//! accepted by a VIP listener (no extra hop).
 //!
 //! [`rules`] builds the iptables commands (`weft-dp transparent-rules`).
 
@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 use weft_core::names::DnsName;
 
 use crate::outbound::{self, Outbound};
@@ -93,12 +92,12 @@ struct Table {
     targets: BTreeMap<SocketAddr, Target>,
 }
 
-/// The key of one internal outbound: service and pinned zone.
+/// The key of one target's outbound: service and pinned zone.
 type Key = (String, Option<String>);
 
-/// An internal outbound listener on 127.0.0.1:<ephemeral>.
+/// The outbound of one target, and what drains it when the target leaves the table.
 struct Inner {
-    address: SocketAddr,
+    handler: outbound::Handler,
     stop: CancellationToken,
 }
 
@@ -164,24 +163,12 @@ pub async fn run(listener: TcpListener, ctx: Context) -> anyhow::Result<()> {
             continue;
         };
         let key = (target.service.clone(), target.zone.clone());
-        let inner = match inners.get(&key) {
-            Some(inner) => inner.address,
-            None => match start_inner(target, &ctx).await {
-                Ok(inner) => {
-                    let address = inner.address;
-                    inners.insert(key, inner);
-                    address
-                }
-                Err(e) => {
-                    ctx.metrics.transparent_connection("failed");
-                    tracing::warn!(%dst, vip = %target.name, "transparent: starting the outbound of {}: {e}", target.service);
-                    continue;
-                }
-            },
-        };
+        let inner = inners
+            .entry(key)
+            .or_insert_with(|| start_inner(target, &ctx));
         ctx.metrics.transparent_connection("vip");
-        let span = tracing::debug_span!("transparent", %peer, %dst, vip = %target.name);
-        ctx.tasks.spawn(splice(stream, inner).instrument(span));
+        tracing::debug!(%peer, %dst, vip = %target.name, "transparent: to {}", target.service);
+        inner.handler.spawn(stream, peer);
     }
     for (_, inner) in inners {
         inner.stop.cancel();
@@ -190,10 +177,8 @@ pub async fn run(listener: TcpListener, ctx: Context) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bind and start the internal outbound for `target`.
-async fn start_inner(target: &Target, ctx: &Context) -> io::Result<Inner> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-    let address = listener.local_addr()?;
+/// The outbound of `target`, drained when its token is cancelled (or the proxy drains).
+fn start_inner(target: &Target, ctx: &Context) -> Inner {
     let stop = ctx.draining.child_token();
     let lctx = Context {
         draining: stop.clone(),
@@ -203,34 +188,10 @@ async fn start_inner(target: &Target, ctx: &Context) -> io::Result<Inner> {
         service: target.service.clone(),
         zone: target.zone.clone(),
     };
-    let span = tracing::info_span!("transparent", service = %target.service, zone = ?target.zone);
-    tracing::debug!(parent: &span, %address, "transparent: internal outbound started");
-    tokio::spawn(
-        async move {
-            if let Err(e) = outbound::run(listener, outbound, lctx).await {
-                tracing::warn!("transparent: internal outbound failed: {e:#}");
-            }
-        }
-        .instrument(span),
-    );
-    Ok(Inner { address, stop })
-}
-
-/// Copy bytes both ways between the redirected connection and the internal outbound.
-async fn splice(mut app: TcpStream, inner: SocketAddr) {
-    let _ = app.set_nodelay(true);
-    let mut up = match TcpStream::connect(inner).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("transparent: connecting to the internal outbound {inner}: {e}");
-            return;
-        }
-    };
-    let _ = up.set_nodelay(true);
-    // On drain the internal outbound closes its side after the requests in flight, which
-    // ends this copy too.
-    if let Err(e) = tokio::io::copy_bidirectional(&mut app, &mut up).await {
-        tracing::debug!("transparent: connection ended: {e}");
+    tracing::debug!(service = %target.service, zone = ?target.zone, "transparent: outbound started");
+    Inner {
+        handler: outbound::Handler::new(&outbound, &lctx),
+        stop,
     }
 }
 
