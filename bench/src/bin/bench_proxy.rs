@@ -82,6 +82,10 @@ struct Args {
     /// built with another release profile.
     #[arg(long)]
     idle_weft_dp: Option<PathBuf>,
+    /// Also run `D2-alt`: the D2 pair with this weft-dp binary (e.g. another release
+    /// profile), beside D2 in the same run. Its services are `server-alt`/`client-alt`.
+    #[arg(long)]
+    alt_weft_dp: Option<PathBuf>,
     /// Also write every sample as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -230,9 +234,18 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 let env = weft_env.as_ref().expect("started above");
-                env.pair(&dir, up_port)
-                    .await
-                    .unwrap_or_else(|e| Chain::down("D2", format!("{e:#}")))
+                chains.push(
+                    env.pair(&dir, up_port)
+                        .await
+                        .unwrap_or_else(|e| Chain::down("D2", format!("{e:#}"))),
+                );
+                match &args.alt_weft_dp {
+                    Some(alt) => env
+                        .alt_pair(&dir, up_port, alt)
+                        .await
+                        .unwrap_or_else(|e| Chain::down("D2-alt", format!("{e:#}"))),
+                    None => continue,
+                }
             }
             other => bail!("unknown chain {other:?} (floor, haproxy, weft, d3)"),
         };
@@ -774,6 +787,43 @@ impl WeftEnv {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// D2-alt: the D2 pair with another weft-dp binary (`--alt-weft-dp`).
+    async fn alt_pair(&self, dir: &Path, up_port: u16, bin: &Path) -> anyhow::Result<Chain> {
+        let co = free_port();
+        let server = server_yaml("server-alt-1", "server-alt", free_port(), up_port);
+        let client = client_yaml("client-alt-1", "client-alt", "server-alt", co);
+        let (s, _) = self
+            .dp_env(
+                &self.zone,
+                dir,
+                "server-alt-1",
+                "server-alt",
+                &server,
+                &[],
+                Some(bin),
+            )
+            .await?;
+        let (c, _) = self
+            .dp_env(
+                &self.zone,
+                dir,
+                "client-alt-1",
+                "client-alt",
+                &client,
+                &[],
+                Some(bin),
+            )
+            .await?;
+        let mut chain = Chain {
+            name: "D2-alt",
+            url: format!("http://127.0.0.1:{co}/"),
+            proxies: vec![("client", c), ("server", s)],
+            unavailable: None,
+        };
+        ready(&mut chain).await?;
+        Ok(chain)
     }
 
     async fn pair(&self, dir: &Path, up_port: u16) -> anyhow::Result<Chain> {
