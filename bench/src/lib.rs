@@ -321,7 +321,7 @@ pub fn rss_by_mapping(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
         }
     }
     let mut v: Vec<(String, u64)> = by.into_iter().filter(|(_, k)| *k > 0).collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
     Ok(v)
 }
 

@@ -716,11 +716,11 @@ impl WeftEnv {
         service: &str,
         dataplane: &str,
     ) -> anyhow::Result<(Proc, u16)> {
-        self.dp_env(zone, dir, name, service, dataplane, &[], None)
+        self.dp_env(zone, dir, name, service, dataplane, Launch::default())
             .await
     }
 
-    /// [`WeftEnv::dp`] with environment variables (KEY=VALUE) for the process.
+    /// [`WeftEnv::dp`], started as `launch` says.
     async fn dp_env(
         &self,
         zone: &ZoneProc,
@@ -728,10 +728,9 @@ impl WeftEnv {
         name: &str,
         service: &str,
         dataplane: &str,
-        env: &[String],
-        bin: Option<&Path>,
+        launch: Launch<'_>,
     ) -> anyhow::Result<(Proc, u16)> {
-        let bin = match bin {
+        let bin = match launch.bin {
             Some(b) => b.to_path_buf(),
             None => sibling_bin("weft-dp")?,
         };
@@ -753,7 +752,7 @@ impl WeftEnv {
             .arg(format!("127.0.0.1:{admin}"))
             .arg("--log-level")
             .arg("warn");
-        for kv in env {
+        for kv in launch.env {
             let (k, v) = kv
                 .split_once('=')
                 .with_context(|| format!("--idle-env {kv:?}: expected KEY=VALUE"))?;
@@ -801,8 +800,7 @@ impl WeftEnv {
                 "server-alt-1",
                 "server-alt",
                 &server,
-                &[],
-                Some(bin),
+                Launch::binary(bin),
             )
             .await?;
         let (c, _) = self
@@ -812,8 +810,7 @@ impl WeftEnv {
                 "client-alt-1",
                 "client-alt",
                 &client,
-                &[],
-                Some(bin),
+                Launch::binary(bin),
             )
             .await?;
         let mut chain = Chain {
@@ -879,11 +876,13 @@ spec:
     /// the data-plane API), one weft-dp with an outbound to each; its memory once ready,
     /// beside the same weft-dp with no outbound (the baseline: what the binary costs).
     async fn idle(&self, args: &Args, dir: &Path, n: usize) -> anyhow::Result<Idle> {
-        let env = &args.idle_env;
-        let bin = args.idle_weft_dp.as_deref();
+        let launch = Launch {
+            env: &args.idle_env,
+            bin: args.idle_weft_dp.as_deref(),
+        };
         let baseline_yaml = idle_yaml("idle-0", 0);
         let (p0, _) = self
-            .dp_env(&self.zone, dir, "idle-0", "idle", &baseline_yaml, env, bin)
+            .dp_env(&self.zone, dir, "idle-0", "idle", &baseline_yaml, launch)
             .await
             .context("baseline weft-dp (no outbound)")?;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -916,7 +915,7 @@ spec:
         };
         let yaml = idle_yaml("idle-1", n);
         let (p, admin) = self
-            .dp_env(&self.zone, dir, "idle-1", "idle", &yaml, env, bin)
+            .dp_env(&self.zone, dir, "idle-1", "idle", &yaml, launch)
             .await?;
         // Let it settle (first full update applied, allocator quiet).
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -934,7 +933,7 @@ spec:
         drop(sessions);
         Ok(Idle {
             how,
-            env: env.clone(),
+            env: args.idle_env.clone(),
             services: n,
             ready,
             later,
@@ -1153,6 +1152,23 @@ backend backend_h
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// How [`WeftEnv::dp_env`] starts weft-dp: extra environment (KEY=VALUE) and another
+/// binary than the one next to this benchmark.
+#[derive(Clone, Copy, Default)]
+struct Launch<'a> {
+    env: &'a [String],
+    bin: Option<&'a Path>,
+}
+
+impl<'a> Launch<'a> {
+    fn binary(bin: &'a Path) -> Launch<'a> {
+        Launch {
+            env: &[],
+            bin: Some(bin),
         }
     }
 }
