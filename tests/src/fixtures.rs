@@ -10,7 +10,7 @@ fn spec(kind: Kind, i: usize) -> String {
             "mtls:\n    enabledBackend: ca-1\n    backends:\n      - {name: ca-1, type: builtin}\n"
                 .to_string()
         }
-        Kind::Zone => format!("enabled: {}\n  description: zone number {i}\n", i % 7 != 0),
+        Kind::Zone => format!("enabled: {}\n  description: zone number {i}\n", !i.is_multiple_of(7)),
         Kind::MeshExternalService => format!(
             "match: {{type: HostnameGenerator, port: 443, protocol: tls}}\n  endpoints:\n    - {{address: ext-{i}.example.com, port: 443}}\n  tls: {{enabled: true}}\n"
         ),
@@ -42,7 +42,7 @@ fn spec(kind: Kind, i: usize) -> String {
         ),
         Kind::MeshLoadBalancingStrategy => format!(
             "targetRef: {{kind: Mesh}}\n  to:\n    - targetRef: {{kind: MeshService, name: {svc}}}\n      default:\n        localityAwareness: {{disabled: {}}}\n        loadBalancer: {{type: LeastRequest}}\n",
-            i % 2 == 0
+            i.is_multiple_of(2)
         ),
         Kind::MeshHTTPRoute => format!(
             "targetRef: {{kind: Mesh}}\n  to:\n    - targetRef: {{kind: MeshService, name: {svc}}}\n      rules:\n        - matches:\n            - path: {{type: PathPrefix, value: /v{i}}}\n          default:\n            backendRefs:\n              - {{kind: MeshService, name: {svc}-v2, weight: 100}}\n"
