@@ -10,7 +10,10 @@ fn spec(kind: Kind, i: usize) -> String {
             "mtls:\n    enabledBackend: ca-1\n    backends:\n      - {name: ca-1, type: builtin}\n"
                 .to_string()
         }
-        Kind::Zone => format!("enabled: {}\n  description: zone number {i}\n", !i.is_multiple_of(7)),
+        Kind::Zone => format!(
+            "enabled: {}\n  description: zone number {i}\n",
+            !i.is_multiple_of(7)
+        ),
         Kind::MeshExternalService => format!(
             "match: {{type: HostnameGenerator, port: 443, protocol: tls}}\n  endpoints:\n    - {{address: ext-{i}.example.com, port: 443}}\n  tls: {{enabled: true}}\n"
         ),
