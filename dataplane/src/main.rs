@@ -105,8 +105,15 @@ impl Signals {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
+    // What the listeners need of the Dataplane; not its parsed outbounds (a tags map each)
+    // for as long as the proxy runs.
+    let (inbounds, outbound_listeners) = (
+        cfg.dataplane.spec.networking.inbound.len(),
+        cfg.dataplane.outbounds(),
+    );
+    cfg.dataplane.spec.networking.outbound = Vec::new();
     let dp = &cfg.dataplane;
     let mut labels = Labels {
         mesh: dp.mesh.clone(),
@@ -182,12 +189,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             async move { (field, inbound::run(listener, l.inbound, ctx).await) }.instrument(span),
         );
     }
-    for l in dp.outbounds() {
-        let listener = bind(&l.field, &l.host, l.port).await?;
-        let span = tracing::info_span!("outbound", port = l.port, service = %l.outbound.service);
-        let (field, ctx) = (l.field.clone(), ctx.clone());
+    let n_outbounds = outbound_listeners.len();
+    // Every declared outbound on one task: an idle outbound is its socket and little else.
+    let mut outbounds = Vec::with_capacity(outbound_listeners.len());
+    for l in outbound_listeners {
+        outbounds.push((bind(&l.field, &l.host, l.port).await?, l.outbound));
+    }
+    if !outbounds.is_empty() {
+        let ctx = ctx.clone();
         listeners.spawn(
-            async move { (field, outbound::run(listener, l.outbound, ctx).await) }.instrument(span),
+            async move {
+                let r = outbound::run_all(outbounds, ctx).await;
+                ("networking.outbound".to_string(), r)
+            }
+            .instrument(tracing::info_span!("outbounds")),
         );
     }
     if let Some(dns) = cfg.dns.clone() {
@@ -224,8 +239,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     admin.set_listening();
     tracing::info!(
-        inbounds = dp.spec.networking.inbound.len(),
-        outbounds = dp.spec.networking.outbound.len(),
+        inbounds,
+        outbounds = n_outbounds,
         dns = ?cfg.dns.as_ref().map(|d| d.address),
         bind_vips = cfg.bind_vips,
         transparent = ?cfg.transparent.map(|t| t.address),

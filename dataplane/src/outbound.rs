@@ -26,7 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -110,6 +115,85 @@ pub async fn serve(
     }
     tracing::debug!(service = shared.lb.service(), %local, "outbound stopped accepting");
     Ok(())
+}
+
+/// Serve many outbound listeners (the Dataplane's declared outbounds) on one task until
+/// `ctx.draining` is cancelled: each as [`run`] would, but an outbound nobody calls costs its
+/// socket, its service name and a small accept state, not a task, a span and a balancer of
+/// its own (about 2 KiB each, which a thousand idle outbounds would hold). An outbound's
+/// [`Handler`] (and so its balancer) is made on its first connection.
+pub async fn run_all(listeners: Vec<(TcpListener, Outbound)>, ctx: Context) -> anyhow::Result<()> {
+    let ctx = Arc::new(ctx);
+    let mut accepting: FuturesUnordered<Accept> = listeners
+        .into_iter()
+        .map(|(listener, outbound)| {
+            tracing::debug!(
+                service = outbound.service,
+                local = ?listener.local_addr().ok(),
+                "outbound listening"
+            );
+            Accept {
+                listener,
+                outbound,
+                ctx: ctx.clone(),
+                handler: None,
+                backoff: None,
+            }
+        })
+        .collect();
+    // An `Accept` never ends: polling the set only runs the listeners that were woken.
+    let serve = std::future::poll_fn(|cx| {
+        let _ = accepting.poll_next_unpin(cx);
+        std::task::Poll::<()>::Pending
+    });
+    tokio::select! {
+        biased;
+        _ = ctx.draining.cancelled() => {}
+        _ = serve => {}
+    }
+    tracing::debug!(listeners = accepting.len(), "outbounds stopped accepting");
+    Ok(())
+}
+
+/// One listener of [`run_all`]: accepts and hands each connection to the outbound's
+/// [`Handler`], made on the first one.
+struct Accept {
+    listener: TcpListener,
+    outbound: Outbound,
+    ctx: Arc<Context>,
+    handler: Option<Handler>,
+    /// After a failed accept (out of file descriptors and the like): wait a little.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for Accept {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = &mut *self;
+        loop {
+            if let Some(backoff) = &mut this.backoff {
+                std::task::ready!(backoff.as_mut().poll(cx));
+                this.backoff = None;
+            }
+            match std::task::ready!(this.listener.poll_accept(cx)) {
+                Ok((stream, peer)) => {
+                    let (outbound, ctx) = (&this.outbound, &this.ctx);
+                    this.handler
+                        .get_or_insert_with(|| Handler::new(outbound, ctx))
+                        .spawn(stream, peer);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        service = this.outbound.service,
+                        local = ?this.listener.local_addr().ok(),
+                        "outbound accept: {e}"
+                    );
+                    this.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+                }
+            }
+        }
+    }
 }
 
 /// An outbound without a listener of its own: serves connections accepted elsewhere (the

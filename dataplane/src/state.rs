@@ -112,7 +112,7 @@ pub struct Endpoint {
     /// The Dataplane behind it.
     pub dataplane: String,
     pub zone: String,
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
     pub weight: u32,
     /// The identity the server must present when it is not the service's own (the zone
     /// egress, for a MeshExternalService).
@@ -132,6 +132,55 @@ impl Endpoint {
     /// The socket address when `address` is an IP.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         Some(SocketAddr::new(self.address.parse().ok()?, self.port))
+    }
+}
+
+/// An endpoint's tags, sorted by key. Endpoints carry one or two tags; a `BTreeMap` would
+/// cost a 500-byte node each, for every endpoint the proxy holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tags(Box<[(Box<str>, Box<str>)]>);
+
+impl Tags {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Like a map's: a later value of the same key wins.
+impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for Tags {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Tags {
+        let mut tags: Vec<(Box<str>, Box<str>)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        // Stable: equal keys stay in order, and the last of them is kept.
+        tags.sort_by(|a, b| a.0.cmp(&b.0));
+        tags.reverse();
+        tags.dedup_by(|a, b| a.0 == b.0);
+        tags.reverse();
+        Tags(tags.into_boxed_slice())
+    }
+}
+
+/// A JSON object, as the map was.
+impl serde::Serialize for Tags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
     }
 }
 
@@ -236,7 +285,11 @@ impl State {
                     port,
                     dataplane: e.dataplane.clone(),
                     zone: e.zone.clone(),
-                    tags: e.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    tags: e
+                        .tags
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
                     weight: e.weight.max(1),
                     server_identity,
                 });
@@ -385,6 +438,20 @@ mod tests {
         assert!(err.contains("unknown protocol"), "{err}");
         assert_eq!(state.service("a").unwrap().endpoints[0].port, 1);
         assert_eq!(state.current().generation, 1);
+    }
+
+    #[test]
+    fn tags_sorted_last_value_wins_json_object() {
+        let tags: Tags = [("b", "1"), ("a", "2"), ("b", "3")].into_iter().collect();
+        assert_eq!(tags.len(), 2);
+        assert_eq!(tags.get("b"), Some("3"));
+        assert_eq!(tags.get("a"), Some("2"));
+        assert_eq!(tags.get("c"), None);
+        assert_eq!(
+            serde_json::to_string(&tags).unwrap(),
+            r#"{"a":"2","b":"3"}"#
+        );
+        assert!(Tags::default().is_empty());
     }
 
     fn vip(name: &str, address: &str, zone: &str, ports: &[u32]) -> pb::Vip {

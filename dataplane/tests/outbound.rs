@@ -636,6 +636,63 @@ async fn draining_finishes_in_flight_requests_then_closes() {
         .expect("every connection closes after its last request");
 }
 
+#[tokio::test]
+async fn run_all_serves_each_outbound_then_stops_on_drain() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let mut sa = service("http", &[a.addr]);
+    sa.service = "svc-a".into();
+    let mut sb = service("http", &[b.addr]);
+    sb.service = "svc-b".into();
+    let view = format!(
+        r#"{{"mesh":"{MESH}","dataplane":"web-1","inbounds":[],"outbounds":{{"svc-a":{{}},"svc-b":{{}}}}}}"#
+    );
+    let state = State::new();
+    state.apply(&full(view, vec![sa, sb])).unwrap();
+    let ctx = Context {
+        state,
+        identity: Identity::new(MESH),
+        metrics: Arc::new(Metrics::new(Labels::default())),
+        labels: Arc::new(Labels::default()),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for svc in ["svc-a", "svc-b", "svc-none"] {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(l.local_addr().unwrap());
+        listeners.push((l, Outbound::new(svc)));
+    }
+    let run = tokio::spawn(outbound::run_all(listeners, ctx.clone()));
+    let client = http1();
+    for _ in 0..2 {
+        let r = get(&client, &format!("http://{}/", addrs[1])).await;
+        assert_eq!(r.headers["x-upstream"], "b");
+        let r = get(&client, &format!("http://{}/", addrs[0])).await;
+        assert_eq!(r.headers["x-upstream"], "a");
+    }
+    // An unknown service is served as TCP without endpoints: accepted, then closed.
+    let mut none = TcpStream::connect(addrs[2]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, none.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!((a.hits(), b.hits()), (2, 2));
+    ctx.draining.cancel();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("stops accepting")
+        .unwrap()
+        .unwrap();
+    for addr in addrs {
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "{addr} still listening"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // L4
 
