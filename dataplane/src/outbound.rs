@@ -1,7 +1,9 @@
 //! An outbound listener: the application connects to it in plaintext; the proxy balances over
 //! the service's endpoints and originates mTLS, checking the server's SPIFFE ID.
 //!
-//! `main` calls [`run`] once per Dataplane outbound. Each accepted connection is L7 when the
+//! `main` serves every Dataplane outbound with [`run_all`] (one task; an idle outbound holds
+//! its socket and service name, its [`Handler`] is made on its first connection); the VIP
+//! listeners use [`run`], one each. Each accepted connection is L7 when the
 //! service's protocol (looked up per connection) is http, http2 or grpc: a hyper server
 //! (HTTP/1.1, or HTTP/2 with prior knowledge) that balances every request on its own over
 //! pooled upstream connections ([`Pool`]; HTTP/1.1 to http services, HTTP/2 to http2 and
