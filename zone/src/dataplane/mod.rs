@@ -26,8 +26,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
-use weft_core::spec::dataplane::ZoneEgressSpec;
-use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG, ZoneIngressSpec};
+use weft_core::spec::{DataplaneSpec, MeshSpec, SERVICE_TAG};
 use weft_core::store::{self, ListQuery, Store};
 use weft_core::token::Scope;
 use weft_core::{Key, Kind, Resource};
@@ -234,48 +233,60 @@ impl Hub {
     async fn admit(&self, hello: &pb::Hello) -> Result<Admitted, Status> {
         let resource = parse_hello_resource(&hello.dataplane)?;
         match resource.kind {
-            Kind::ZoneIngress => self.admit_ingress(hello, resource).await,
-            Kind::ZoneEgress => self.admit_egress(hello, resource).await,
+            Kind::ZoneIngress => self.admit_gateway(hello, resource, Role::Ingress).await,
+            Kind::ZoneEgress => self.admit_gateway(hello, resource, Role::Egress).await,
             _ => self.admit_dataplane(hello, resource).await,
         }
     }
 
-    /// Check an ingress's Hello and register its ZoneIngress: validate it, check the zone
-    /// token (scope ingress, this zone), then upsert it into the store as this zone's
-    /// (`spec.zone` set), from where KDS carries it to global and the other zones.
-    async fn admit_ingress(
+    /// Check a zone ingress's or egress's Hello and register its ZoneIngress / ZoneEgress:
+    /// check the zone token (scope `ingress` / `egress`, this zone), set `spec.zone`, then
+    /// upsert it into the store as this zone's, from where KDS carries it to global (and, for
+    /// an ingress, to the other zones). An egress's address is what this zone's proxies dial
+    /// to reach MeshExternalServices.
+    async fn admit_gateway(
         &self,
         hello: &pb::Hello,
         resource: Resource,
+        role: Role,
     ) -> Result<Admitted, Status> {
+        let (what, scope, service) = match role {
+            Role::Ingress => ("ingress", Scope::Ingress, String::new()),
+            Role::Egress => (
+                "egress",
+                Scope::Egress,
+                weft_core::names::egress_identity(&self.zone),
+            ),
+            Role::Proxy { .. } => unreachable!("proxies are admitted by admit_dataplane"),
+        };
         let name = resource.name.clone();
         let token = hello.token.trim();
         if token.is_empty() {
             return Err(Status::unauthenticated(format!(
-                "zone ingress {name:?}: missing zone token (Hello.token; make one with `weftctl generate zone-token --zone {} --scope ingress`)",
+                "zone {what} {name:?}: missing zone token (Hello.token; make one with `weftctl generate zone-token --zone {} --scope {what}`)",
                 self.zone
             )));
         }
         self.trust
-            .verify_zone_token(token, Scope::Ingress, &self.zone)
+            .verify_zone_token(token, scope, &self.zone)
             .map_err(|e| match e {
                 crate::trust::Error::NotYet => Status::unavailable(format!(
-                    "zone {}: zone ingress token: cannot be checked yet (the zone has not obtained the token keys from global); retry once the zone is connected to global",
+                    "zone {}: zone {what} token: cannot be checked yet (the zone has not obtained the token keys from global); retry once the zone is connected to global",
                     self.zone
                 )),
-                e => Status::unauthenticated(format!("zone ingress {name:?}: {e}")),
+                e => Status::unauthenticated(format!("zone {what} {name:?}: {e}")),
             })?;
-        let mut spec: ZoneIngressSpec = serde_json::from_value(resource.spec.clone())
-            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: spec: {e}")))?;
-        if let Some(z) = &spec.zone
-            && z.0 != self.zone
+        // The spec is valid and canonical (an object); only its `zone` is the zone's to set.
+        let mut spec = resource.spec.clone();
+        if let Some(z) = spec.get("zone").and_then(serde_json::Value::as_str)
+            && z != self.zone
         {
             return Err(Status::invalid_argument(format!(
-                "Hello.dataplane: spec.zone: {:?} is not this zone {:?} (leave it out: the zone sets it)",
-                z.0, self.zone
+                "Hello.dataplane: spec.zone: {z:?} is not this zone {:?} (leave it out: the zone sets it)",
+                self.zone
             )));
         }
-        spec.zone = Some(weft_core::validate::Name(self.zone.clone()));
+        spec["zone"] = serde_json::Value::String(self.zone.clone());
         let plane = Plane::Zone {
             name: self.zone.clone(),
         };
@@ -287,13 +298,11 @@ impl Hub {
             && let Some(origin) = plane.foreign_origin(&stored)
         {
             return Err(Status::permission_denied(format!(
-                "zone ingress {name:?} belongs to {origin}, not zone {} (give this ingress another name)",
+                "zone {what} {name:?} belongs to {origin}, not zone {} (give this {what} another name)",
                 self.zone
             )));
         }
-        let spec = serde_json::to_value(&spec)
-            .map_err(|e| Status::internal(format!("serializing the ZoneIngress: {e}")))?;
-        let resource = Resource::new(Kind::ZoneIngress, None, &name, resource.labels, spec)
+        let resource = Resource::new(resource.kind, None, &name, resource.labels, spec)
             .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: {e}")))?;
         let outcome = self
             .store
@@ -304,80 +313,9 @@ impl Hub {
             .ok_or_else(|| Status::internal("the store applied nothing"))?;
         Ok(Admitted {
             resource: outcome.resource().clone(),
-            service: String::new(),
+            service,
             mtls: false,
-            role: Role::Ingress,
-        })
-    }
-
-    /// Check an egress's Hello and register its ZoneEgress, like an ingress's: validate it,
-    /// check the zone token (scope egress, this zone), then upsert it as this zone's
-    /// (`spec.zone` set). Its address and port are what this zone's proxies dial to reach
-    /// MeshExternalServices.
-    async fn admit_egress(
-        &self,
-        hello: &pb::Hello,
-        resource: Resource,
-    ) -> Result<Admitted, Status> {
-        let name = resource.name.clone();
-        let token = hello.token.trim();
-        if token.is_empty() {
-            return Err(Status::unauthenticated(format!(
-                "zone egress {name:?}: missing zone token (Hello.token; make one with `weftctl generate zone-token --zone {} --scope egress`)",
-                self.zone
-            )));
-        }
-        self.trust
-            .verify_zone_token(token, Scope::Egress, &self.zone)
-            .map_err(|e| match e {
-                crate::trust::Error::NotYet => Status::unavailable(format!(
-                    "zone {}: zone egress token: cannot be checked yet (the zone has not obtained the token keys from global); retry once the zone is connected to global",
-                    self.zone
-                )),
-                e => Status::unauthenticated(format!("zone egress {name:?}: {e}")),
-            })?;
-        let mut spec: ZoneEgressSpec = serde_json::from_value(resource.spec.clone())
-            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: spec: {e}")))?;
-        if let Some(z) = &spec.zone
-            && z.0 != self.zone
-        {
-            return Err(Status::invalid_argument(format!(
-                "Hello.dataplane: spec.zone: {:?} is not this zone {:?} (leave it out: the zone sets it)",
-                z.0, self.zone
-            )));
-        }
-        spec.zone = Some(weft_core::validate::Name(self.zone.clone()));
-        let plane = Plane::Zone {
-            name: self.zone.clone(),
-        };
-        if let Some(stored) = self
-            .store
-            .get(&resource.key())
-            .await
-            .map_err(store_status)?
-            && let Some(origin) = plane.foreign_origin(&stored)
-        {
-            return Err(Status::permission_denied(format!(
-                "zone egress {name:?} belongs to {origin}, not zone {} (give this egress another name)",
-                self.zone
-            )));
-        }
-        let spec = serde_json::to_value(&spec)
-            .map_err(|e| Status::internal(format!("serializing the ZoneEgress: {e}")))?;
-        let resource = Resource::new(Kind::ZoneEgress, None, &name, resource.labels, spec)
-            .map_err(|e| Status::invalid_argument(format!("Hello.dataplane: {e}")))?;
-        let outcome = self
-            .store
-            .apply(vec![plane.stamp(resource)], false)
-            .await
-            .map_err(store_status)?
-            .pop()
-            .ok_or_else(|| Status::internal("the store applied nothing"))?;
-        Ok(Admitted {
-            resource: outcome.resource().clone(),
-            service: weft_core::names::egress_identity(&self.zone),
-            mtls: false,
-            role: Role::Egress,
+            role,
         })
     }
 
