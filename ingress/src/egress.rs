@@ -55,7 +55,7 @@ use weft_core::spec::policies::Action;
 
 use crate::hello;
 use crate::metrics::Reason;
-use crate::proxy;
+use crate::proxy::{self, Counted};
 use crate::table::{Service, Table, Verification};
 
 /// An unanswered CertificateRequest is sent again after this.
@@ -942,49 +942,4 @@ async fn connect(ctx: &Context, service: &Service) -> Option<Io> {
         );
     }
     None
-}
-
-/// The caller's side, counting bytes read (`rx`) and written (`tx`).
-struct Counted<S> {
-    io: S,
-    rx: prometheus_client::metrics::counter::Counter,
-    tx: prometheus_client::metrics::counter::Counter,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.rx.inc_by(n as u64);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.tx.inc_by(n as u64);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

@@ -268,11 +268,12 @@ pub async fn connect<'a>(
     None
 }
 
-/// The downstream socket, counting bytes read (`rx`) and written (`tx`).
-struct Counted<S> {
-    io: S,
-    rx: Counter,
-    tx: Counter,
+/// The downstream socket, counting bytes read (`rx`) and written (`tx`); the egress counts
+/// its callers' side with it too.
+pub(crate) struct Counted<S> {
+    pub(crate) io: S,
+    pub(crate) rx: Counter,
+    pub(crate) tx: Counter,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
