@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::{Global, Proc, Zone, bin, client, free_port, ok};
+use crate::{Global, Proc, Zone, bin, free_port, get_json, get_text, ok, wait_admin_ready};
 
 /// One inbound of a proxy: the sidecar's port, the app's port, the service and protocol.
 #[derive(Clone, Debug)]
@@ -191,52 +191,18 @@ impl Dataplane {
 
     /// Wait for `GET /ready` = 200.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let http = client();
-        let deadline = Instant::now() + timeout;
-        let mut last;
-        loop {
-            if let Some(status) = self.proc.exited()? {
-                bail!(
-                    "weft-dp {} exited with {status} while starting:\n{}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            match http.get(format!("{}/ready", self.admin())).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "weft-dp {} not ready after {timeout:?} (last: {last}):\n{}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (what, admin) = (format!("weft-dp {}", self.name), self.admin());
+        wait_admin_ready(&mut self.proc, &what, &admin, timeout).await
     }
 
     /// `GET /config`.
     pub async fn config(&self) -> anyhow::Result<Value> {
-        let r = client()
-            .get(format!("{}/config", self.admin()))
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(r.json().await?)
+        get_json(&format!("{}/config", self.admin())).await
     }
 
     /// `GET /metrics`.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(client()
-            .get(format!("{}/metrics", self.admin()))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        get_text(&format!("{}/metrics", self.admin())).await
     }
 
     /// The serial of the certificate the proxy uses now (from `/config`).

@@ -4,12 +4,11 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::bail;
 use serde_json::Value;
 
-use crate::{Global, Proc, Zone, bin, client, free_port, ok};
+use crate::{Global, Proc, Zone, bin, free_port, get_json, get_text, ok, wait_admin_ready};
 
 /// A running `weft-ingress --mode ingress`.
 pub struct Ingress {
@@ -108,52 +107,18 @@ impl Ingress {
 
     /// Wait for `GET /ready` = 200.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let http = client();
-        let deadline = Instant::now() + timeout;
-        let mut last;
-        loop {
-            if let Some(status) = self.proc.exited()? {
-                bail!(
-                    "weft-ingress {} exited with {status} while starting:\n{}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            match http.get(format!("{}/ready", self.admin())).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "weft-ingress {} not ready after {timeout:?} (last: {last}):\n{}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (what, admin) = (format!("weft-ingress {}", self.name), self.admin());
+        wait_admin_ready(&mut self.proc, &what, &admin, timeout).await
     }
 
     /// `GET /config`.
     pub async fn config(&self) -> anyhow::Result<Value> {
-        let r = client()
-            .get(format!("{}/config", self.admin()))
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(r.json().await?)
+        get_json(&format!("{}/config", self.admin())).await
     }
 
     /// `GET /metrics`.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(client()
-            .get(format!("{}/metrics", self.admin()))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        get_text(&format!("{}/metrics", self.admin())).await
     }
 
     /// The value of the first metric line starting with `series` (name and labels), if any.

@@ -40,6 +40,61 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub use weft_global::pg::testing::free_port;
 
+/// Wait until `GET {admin}/ready` answers 200 (the admin endpoint of a weft-dp or
+/// weft-ingress run by `proc`); fail with `what`'s log if it exits or `timeout` passes.
+pub async fn wait_admin_ready(
+    proc: &mut Proc,
+    what: &str,
+    admin: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let http = client();
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    loop {
+        if let Some(status) = proc.exited()? {
+            bail!(
+                "{what} exited with {status} while starting:\n{}",
+                proc.logs()
+            );
+        }
+        match http.get(format!("{admin}/ready")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} not ready after {timeout:?} (last: {last}):\n{}",
+                proc.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET url`, its body as JSON (an error for a non-2xx status).
+pub async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(client()
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// `GET url`, its body as text (an error for a non-2xx status).
+pub async fn get_text(url: &str) -> anyhow::Result<String> {
+    Ok(client()
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
 /// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
