@@ -282,6 +282,23 @@ impl Zone {
         }
     }
 
+    /// Wait until the zone holds an intermediate CA for `mesh` (`GET /_identity/meshes`).
+    pub async fn wait_mesh_ca(&self, mesh: &str, timeout: Duration) {
+        crate::eventually(
+            &format!("zone {} has an intermediate CA for mesh {mesh}", self.name),
+            timeout,
+            || async {
+                let list = self.api().get("/_identity/meshes").await.ok()??;
+                list["items"]
+                    .as_array()?
+                    .iter()
+                    .any(|m| m["mesh"] == mesh)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Wait until the zone reports both streams reconciled (`weft_kds_synced` = 1 on both).
     pub async fn wait_synced(&self, timeout: Duration) {
         crate::eventually(

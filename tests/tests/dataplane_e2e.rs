@@ -61,19 +61,7 @@ async fn setup(lifetime: &str) -> (Global, Zone) {
         .unwrap();
     let zone = Zone::join("east", &g, &[]).await.unwrap();
     zone.wait_synced(SYNC).await;
-    eventually(
-        "the zone has an intermediate CA for mesh default",
-        SYNC,
-        || async {
-            let list = zone.api().get("/_identity/meshes").await.ok()??;
-            list["items"]
-                .as_array()?
-                .iter()
-                .any(|m| m["mesh"] == "default")
-                .then_some(())
-        },
-    )
-    .await;
+    zone.wait_mesh_ca("default", SYNC).await;
     (g, zone)
 }
 

@@ -56,19 +56,7 @@ fn external_service(name: &str, port: u16) -> Value {
 async fn zone_with_ca(name: &str, g: &Global) -> Zone {
     let z = Zone::join(name, g, &[]).await.unwrap();
     z.wait_synced(SYNC).await;
-    eventually(
-        &format!("zone {name} has an intermediate CA for mesh default"),
-        SYNC,
-        || async {
-            let list = z.api().get("/_identity/meshes").await.ok()??;
-            list["items"]
-                .as_array()?
-                .iter()
-                .any(|m| m["mesh"] == "default")
-                .then_some(())
-        },
-    )
-    .await;
+    z.wait_mesh_ca("default", SYNC).await;
     z
 }
 

@@ -187,19 +187,7 @@ async fn an_app_in_a_namespace_calls_backend_mesh_with_no_proxy_settings() {
         .await
         .unwrap();
     zone.wait_synced(SYNC).await;
-    eventually(
-        "zone east has an intermediate CA for mesh default",
-        SYNC,
-        || async {
-            let list = zone.api().get("/_identity/meshes").await.ok()??;
-            list["items"]
-                .as_array()?
-                .iter()
-                .any(|m| m["mesh"] == "default")
-                .then_some(())
-        },
-    )
-    .await;
+    zone.wait_mesh_ca("default", SYNC).await;
     let relay = Relay::start(
         SocketAddr::new(ns.host_ip.into(), 0),
         zone.dataplane_address().parse().unwrap(),
