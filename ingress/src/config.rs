@@ -90,7 +90,7 @@ pub struct RunArgs {
     /// On SIGTERM, how long open connections get to finish (e.g. 10s, 500ms, 1m).
     #[arg(long, env = "WEFT_INGRESS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Log filter, RUST_LOG syntax (e.g. info, weft_ingress=debug); else RUST_LOG, else info.
+    /// Log filter: a level and/or target=level list (e.g. info,weft_ingress=debug); else RUST_LOG, else info.
     #[arg(long, env = "WEFT_INGRESS_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Log lines as text, or as JSON objects (one per line).

@@ -11,6 +11,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use weft_ingress::Shutdown;
 use weft_ingress::config::{Cli, Command, Config, LogFormat};
 
+/// `pow(3)` from the pure-Rust `libm` crate, so the binary does not load glibc's libm.so
+/// for the one function tokio's multi-threaded scheduler links (see weft-dp's `pow`).
+#[unsafe(no_mangle)]
+pub extern "C" fn pow(x: f64, y: f64) -> f64 {
+    libm::pow(x, y)
+}
+
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Version => {
@@ -50,15 +57,27 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(cfg: &Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+    // `Targets` (target=level lists) rather than `EnvFilter`: a proxy needs no span-field
+    // filters, and EnvFilter links the regex engine, which costs the sidecar's resident memory.
+    let directives: Vec<&str> = cfg
+        .log_level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let filter: tracing_subscriber::filter::Targets = directives
+        .join(",")
+        .parse()
         .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cfg.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match cfg.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
     }
     Ok(())
 }
