@@ -26,7 +26,9 @@ fi
 echo "== $(haproxy -v | head -1)" >&2
 echo "== $(oha --version)" >&2
 
-# Only what the benchmark runs: itself, the proxies and the control plane that configures them.
+# Only what the benchmark runs: itself, the proxies and the control plane that configures them,
+# in release; weft-dp also as shipped, with the size-optimised `sidecar` profile (Cargo.toml),
+# which is the one D2, D3 and the idle check run.
 PKGS=(-p weft-bench -p weft-dp -p weft-ingress -p weft-global -p weft-zone)
 echo "== cargo build --release ${PKGS[*]}" >&2
 if ! cargo build --release "${PKGS[@]}"; then
@@ -35,9 +37,12 @@ if ! cargo build --release "${PKGS[@]}"; then
     echo "== the build failed; building the benchmark and the control plane only" >&2
     cargo build --release -p weft-bench -p weft-global -p weft-zone
 fi
+echo "== cargo build --profile sidecar -p weft-dp" >&2
+cargo build --profile sidecar -p weft-dp || echo "== the sidecar build failed; the weft chains will say so" >&2
 
 exec target/release/bench-proxy \
     --oha "$(command -v oha)" \
     --haproxy "$(command -v haproxy)" \
+    --weft-dp target/sidecar/weft-dp \
     --json target/bench-proxy.json \
     "$@"

@@ -78,8 +78,13 @@ struct Args {
     /// MALLOC_ARENA_MAX=1 to see what glibc's arenas cost.
     #[arg(long)]
     idle_env: Vec<String>,
-    /// The weft-dp binary of the idle check (default: the one next to this binary), e.g. one
-    /// built with another release profile.
+    /// The weft-dp binary of D2, D3 and the idle check (default: the one next to this
+    /// binary). `scripts/bench-proxy.sh` passes `target/sidecar/weft-dp`: weft-dp as shipped,
+    /// built with the workspace's `sidecar` profile (`cargo build --profile sidecar -p weft-dp`).
+    #[arg(long)]
+    weft_dp: Option<PathBuf>,
+    /// The weft-dp binary of the idle check (default: the D2 one), e.g. one built with
+    /// another profile.
     #[arg(long)]
     idle_weft_dp: Option<PathBuf>,
     /// Also run `D2-alt`: the D2 pair with this weft-dp binary (e.g. another release
@@ -161,6 +166,9 @@ struct Sample {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    if let Some(bin) = &args.weft_dp {
+        WEFT_DP.set(bin.clone()).expect("set once");
+    }
     let work = tempfile::Builder::new().prefix("bench-proxy-").tempdir()?;
     let dir = work.path().to_path_buf();
     eprintln!("work dir {}", dir.display());
@@ -732,7 +740,7 @@ impl WeftEnv {
     ) -> anyhow::Result<(Proc, u16)> {
         let bin = match launch.bin {
             Some(b) => b.to_path_buf(),
-            None => sibling_bin("weft-dp")?,
+            None => weft_dp_bin()?,
         };
         let file = dir.join(format!("{name}.yaml"));
         std::fs::write(&file, dataplane)?;
@@ -1159,6 +1167,24 @@ backend backend_h
 /// How [`WeftEnv::dp_env`] starts weft-dp: extra environment (KEY=VALUE) and another
 /// binary than the one next to this benchmark.
 #[derive(Clone, Copy, Default)]
+/// `--weft-dp`, once parsed.
+static WEFT_DP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The weft-dp binary: `--weft-dp`, else the one next to this binary.
+fn weft_dp_bin() -> anyhow::Result<PathBuf> {
+    match WEFT_DP.get() {
+        Some(path) => {
+            anyhow::ensure!(
+                path.exists(),
+                "--weft-dp {}: not built (cargo build --profile sidecar -p weft-dp)",
+                path.display()
+            );
+            Ok(path.clone())
+        }
+        None => sibling_bin("weft-dp"),
+    }
+}
+
 struct Launch<'a> {
     env: &'a [String],
     bin: Option<&'a Path>,
@@ -1637,6 +1663,11 @@ fn report(
         "bench-proxy: {} run(s) per chain and load, alternating; {:?} per measurement; HTTP/1.1 keep-alive, 1 KiB responses; \
          latency by oha (fixed rates: -q with --latency-correction); medians across runs; RSS: max VmRSS after a measurement",
         args.runs, args.duration
+    );
+    let _ = writeln!(
+        out,
+        "weft-dp: {}",
+        weft_dp_bin().map_or_else(|e| format!("{e:#}"), |p| p.display().to_string())
     );
     let _ = writeln!(
         out,
