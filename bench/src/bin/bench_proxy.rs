@@ -1164,9 +1164,6 @@ backend backend_h
     }
 }
 
-/// How [`WeftEnv::dp_env`] starts weft-dp: extra environment (KEY=VALUE) and another
-/// binary than the one next to this benchmark.
-#[derive(Clone, Copy, Default)]
 /// `--weft-dp`, once parsed.
 static WEFT_DP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -1185,6 +1182,9 @@ fn weft_dp_bin() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// How [`WeftEnv::dp_env`] starts weft-dp: extra environment (KEY=VALUE) and another
+/// binary than [`weft_dp_bin`].
+#[derive(Clone, Copy, Default)]
 struct Launch<'a> {
     env: &'a [String],
     bin: Option<&'a Path>,
