@@ -20,6 +20,11 @@
 //! - tcp: authorized when the connection starts and again on every configuration change; a
 //!   denied connection is reset (SO_LINGER 0). Bytes are copied both ways.
 //!
+//! MeshTimeout (the inbound's `rules`, see `timeouts.rs`): `http.requestTimeout` bounds the
+//! wait for the application's response headers (then `504`); `idleTimeout` closes a
+//! connection idle that long (TCP: no bytes either way; HTTP: no request in flight and no
+//! bytes), read when the connection starts.
+//!
 //! A plaintext connection accepted before the mesh turned mTLS on is refused from then on
 //! (HTTP: 403 per request; TCP: reset). An unreachable application gets a 502 (HTTP) or a
 //! closed connection (TCP), and a warning.
@@ -50,6 +55,7 @@ use weft_core::spec::policies::Action;
 
 use crate::metrics::{Counted, Direction, ServiceMetrics};
 use crate::state::{Context, Snapshot};
+use crate::timeouts::{Clock, Timeouts, copy_bidirectional_idle, idle_clock, within};
 
 #[derive(Clone, Debug)]
 pub struct Inbound {
@@ -108,6 +114,8 @@ struct Listener {
     /// The TLS server side (it reads the installed certificate at each handshake).
     tls: tokio_rustls::TlsAcceptor,
     http: Option<Http>,
+    /// MeshTimeout for this inbound and the configuration generation it was read from.
+    timeouts: std::sync::Mutex<(u64, Timeouts)>,
 }
 
 struct Http {
@@ -169,7 +177,21 @@ impl Listener {
             metrics,
             tls,
             http,
+            timeouts: std::sync::Mutex::new((u64::MAX, Timeouts::default())),
         })
+    }
+
+    /// The MeshTimeout timeouts of this inbound now (read again after a configuration change).
+    fn timeouts(&self) -> Timeouts {
+        let snapshot = self.ctx.state.current();
+        let mut t = self.timeouts.lock().unwrap_or_else(|e| e.into_inner());
+        if t.0 != snapshot.generation {
+            *t = (
+                snapshot.generation,
+                Timeouts::inbound(&snapshot.view, self.inbound.port),
+            );
+        }
+        t.1
     }
 
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
@@ -269,15 +291,28 @@ impl Listener {
         };
         let _ = app.set_nodelay(true);
         let mut app = app;
+        let idle = idle_clock(self.timeouts().idle);
+        if let Some((clock, _)) = &idle {
+            down.counted().watch(clock.clone());
+        }
         let denied = {
-            let copy = tokio::io::copy_bidirectional(&mut down, &mut app);
+            let copy = copy_bidirectional_idle(
+                &mut down,
+                &mut app,
+                idle.as_ref().map(|(c, d)| (&**c, *d)),
+            );
             tokio::pin!(copy);
             let mut watching = true;
             loop {
                 tokio::select! {
                     r = &mut copy => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "inbound: tcp connection ended");
+                        match r {
+                            Ok(Some(_)) => {}
+                            Ok(None) => tracing::debug!(
+                                "inbound: tcp connection idle for {:?} (MeshTimeout idleTimeout): closed",
+                                idle.as_ref().map(|(_, d)| *d).unwrap_or_default()
+                            ),
+                            Err(e) => tracing::debug!(error = %e, "inbound: tcp connection ended"),
                         }
                         break false;
                     }
@@ -317,20 +352,37 @@ impl Listener {
     // -----------------------------------------------------------------------------------------
     // HTTP
 
-    async fn serve_http<S: Downstream>(self: Arc<Self>, down: S, source: Option<Source>) {
+    async fn serve_http<S: Downstream>(self: Arc<Self>, mut down: S, source: Option<Source>) {
         let draining = self.ctx.draining.clone();
+        let idle = self.timeouts().idle;
+        let clock = idle.map(|_| Arc::new(Clock::default()));
+        if let Some(clock) = &clock {
+            down.counted().watch(clock.clone());
+        }
         let conn = Arc::new(HttpConn {
             listener: self.clone(),
             source,
             decision: AtomicU64::new(0),
+            clock: clock.clone(),
         });
         let service = hyper::service::service_fn(move |req| conn.clone().handle(req));
         let http = self.http.as_ref().expect("an http inbound");
         let served = http.server.serve_connection(TokioIo::new(down), service);
         tokio::pin!(served);
+        let idle = async {
+            match (&clock, idle) {
+                (Some(clock), Some(d)) => clock.idle(d).await,
+                _ => std::future::pending().await,
+            }
+        };
         let r = tokio::select! {
             r = served.as_mut() => r,
             _ = draining.cancelled() => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+            () = idle => {
+                tracing::debug!("inbound: http connection idle (MeshTimeout idleTimeout): closing");
                 served.as_mut().graceful_shutdown();
                 served.await
             }
@@ -354,6 +406,8 @@ struct HttpConn {
     source: Option<Source>,
     /// The last decision: `generation << 2 | action`, 0 for none yet.
     decision: AtomicU64,
+    /// With an idle timeout: the connection's activity.
+    clock: Option<Arc<Clock>>,
 }
 
 const ALLOW: u64 = 1;
@@ -379,17 +433,34 @@ impl HttpConn {
         let start = Instant::now();
         let l = &*self.listener;
         let http = l.http.as_ref().expect("an http inbound");
+        let _in_flight = self.clock.as_ref().map(|c| c.request());
         let resp = match self.route(l, http, req) {
-            Route::Forward(fut) => match fut.await {
-                Ok(resp) => resp.map(Either::Left),
-                Err(e) => {
-                    tracing::warn!(app = %l.inbound.app, error = %e, "inbound: application unreachable");
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        "weft: the application is unreachable\n",
-                    )
+            Route::Forward(fut) => {
+                let limit = l.timeouts().request;
+                match within(limit, fut).await {
+                    Some(Ok(resp)) => resp.map(Either::Left),
+                    Some(Err(e)) => {
+                        tracing::warn!(app = %l.inbound.app, error = %e, "inbound: application unreachable");
+                        plain(
+                            StatusCode::BAD_GATEWAY,
+                            "weft: the application is unreachable\n",
+                        )
+                    }
+                    None => {
+                        let message = format!(
+                            "weft: no response from the application within {:?} (MeshTimeout http.requestTimeout)",
+                            limit.unwrap_or_default()
+                        );
+                        tracing::debug!(app = %l.inbound.app, "inbound: {message}");
+                        if http.grpc {
+                            // DEADLINE_EXCEEDED
+                            grpc_status(4, &message)
+                        } else {
+                            plain(StatusCode::GATEWAY_TIMEOUT, format!("{message}\n"))
+                        }
+                    }
                 }
-            },
+            }
             Route::Answer(resp) => resp,
         };
         l.metrics.request(resp.status().as_u16(), start.elapsed());
@@ -492,17 +563,27 @@ fn percent_encode(s: &str) -> String {
 /// A downstream connection: plaintext or TLS over a counted socket.
 trait Downstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn socket(&self) -> &TcpStream;
+    /// The counted socket (under TLS: the ciphertext).
+    fn counted(&mut self) -> &mut Counted<TcpStream>;
 }
 
 impl Downstream for Counted<TcpStream> {
     fn socket(&self) -> &TcpStream {
         self.get_ref()
     }
+
+    fn counted(&mut self) -> &mut Counted<TcpStream> {
+        self
+    }
 }
 
 impl Downstream for tokio_rustls::server::TlsStream<Counted<TcpStream>> {
     fn socket(&self) -> &TcpStream {
         self.get_ref().0.get_ref()
+    }
+
+    fn counted(&mut self) -> &mut Counted<TcpStream> {
+        self.get_mut().0
     }
 }
 

@@ -37,6 +37,7 @@ use weft_core::policy::ProxyView;
 use weft_core::spec::fields::Protocol;
 
 use crate::state::{self, Service, Snapshot, State};
+use crate::timeouts::Timeouts;
 
 /// First ejection of an endpoint.
 pub const EJECT_BASE: Duration = Duration::from_secs(5);
@@ -286,6 +287,8 @@ struct Inner<T> {
     service: Option<Arc<Service>>,
     view: Option<Arc<ProxyView>>,
     set: Set<T>,
+    /// MeshTimeout for this service, from `view`.
+    timeouts: Timeouts,
 }
 
 struct Set<T> {
@@ -344,6 +347,7 @@ impl<T: Default> Balancer<T> {
                 service: None,
                 view: None,
                 set: Set::default(),
+                timeouts: Timeouts::default(),
             }),
         }
     }
@@ -409,6 +413,13 @@ impl<T: Default> Balancer<T> {
             .collect()
     }
 
+    /// The MeshTimeout timeouts for calls to this service now.
+    pub fn timeouts(&self) -> Timeouts {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.refresh(&self.service, &self.locality);
+        inner.timeouts
+    }
+
     /// The algorithm in use now.
     pub fn algorithm(&self) -> Algorithm {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,6 +449,9 @@ impl<T: Default> Inner<T> {
             return;
         }
         let view = snapshot.view.clone();
+        if !same_view {
+            self.timeouts = Timeouts::outbound(&view, name);
+        }
         let algorithm = Algorithm::for_service(&view, name);
         let prefer_local = !locality.local_zone.is_empty()
             && locality.pinned.is_none()

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod state;
+pub mod timeouts;
 pub mod tls;
 pub mod transparent;
 pub mod vips;

@@ -42,6 +42,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::state::Labels;
+use crate::timeouts::Clock;
 use crate::tls::Identity;
 
 /// The content type of [`Metrics::render`]'s output (OpenMetrics text).
@@ -416,14 +417,32 @@ impl Drop for ConnectionGuard {
 
 /// An I/O stream that counts the bytes read (`rx`) and written (`tx`) into a service's
 /// `bytes_total`. Wrap the downstream socket (under TLS, to count what goes on the wire).
+/// With [`Counted::watch`], it also tells an idle-timeout [`Clock`] about every byte: on a
+/// proxied connection every byte of either direction goes through the downstream socket.
 pub struct Counted<S> {
     inner: S,
     metrics: Arc<ServiceMetrics>,
+    clock: Option<Arc<Clock>>,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, metrics: Arc<ServiceMetrics>) -> Counted<S> {
-        Counted { inner, metrics }
+        Counted {
+            inner,
+            metrics,
+            clock: None,
+        }
+    }
+
+    /// Report this stream's activity to `clock` (MeshTimeout `idleTimeout`).
+    pub fn watch(&mut self, clock: Arc<Clock>) {
+        self.clock = Some(clock);
+    }
+
+    fn touch(&self) {
+        if let Some(c) = &self.clock {
+            c.touch();
+        }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -446,6 +465,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.metrics.rx(n as u64);
+            self.touch();
         }
         r
     }
@@ -460,6 +480,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.metrics.tx(n as u64);
+            self.touch();
         }
         r
     }
@@ -472,6 +493,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
             self.metrics.tx(n as u64);
+            self.touch();
         }
         r
     }

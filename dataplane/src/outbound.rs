@@ -9,7 +9,10 @@
 //! pooled upstream connections ([`Pool`]; HTTP/1.1 to http services, HTTP/2 to http2 and
 //! grpc ones). Otherwise L4: one endpoint per connection, bytes copied both ways.
 //!
-//! Failures: connection-level ones (refused, 1 s connect timeout, TLS handshake) eject the
+//! Timeouts come from MeshTimeout (`timeouts.rs`): `connectionTimeout` (1 s by default),
+//! `idleTimeout`, `http.requestTimeout`.
+//!
+//! Failures: connection-level ones (refused, connect timeout, TLS handshake) eject the
 //! endpoint ([`lb`]) and the request or connection is retried on another endpoint, since
 //! nothing of it was sent. No endpoints: `503 weft: no endpoints for service <name>` (L7) or
 //! the connection is closed (L4).

@@ -6,6 +6,10 @@
 //! stream their bodies both ways, trailers included. A request is retried on another
 //! endpoint only when nothing of it was sent: the connection failed, or a pooled connection
 //! closed before the request was written.
+//!
+//! MeshTimeout: `http.requestTimeout` bounds the wait for the response's headers (then
+//! `504`); `idleTimeout` closes an application connection with no request in flight and no
+//! bytes for that long (read when the connection starts).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -28,6 +32,7 @@ use super::Shared;
 use super::pool::{self, Pool};
 use crate::lb::{Guard, Pick, Tried};
 use crate::metrics::Counted;
+use crate::timeouts::{idle_clock, within};
 
 type Endpoint = crate::lb::Endpoint<Pool>;
 
@@ -51,22 +56,43 @@ fn server() -> &'static auto::Builder<TokioExecutor> {
 pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let metrics = shared.metrics();
     let _active = metrics.connection();
-    let stream = Counted::new(stream, metrics.clone());
+    let mut stream = Counted::new(stream, metrics.clone());
+    let idle = idle_clock(shared.lb.timeouts().idle);
+    if let Some((clock, _)) = &idle {
+        stream.watch(clock.clone());
+    }
     let s = shared.clone();
+    let clock = idle.as_ref().map(|(c, _)| c.clone());
     let service = hyper::service::service_fn(move |req| {
         let s = s.clone();
+        let in_flight = clock.as_ref().map(|c| c.request());
         async move {
             let start = Instant::now();
             let resp = proxy(&s, req).await;
+            drop(in_flight);
             s.metrics().request(resp.status().as_u16(), start.elapsed());
             Ok::<_, Infallible>(resp)
         }
     });
     let conn = server().serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
+    let idle = async {
+        match &idle {
+            Some((clock, d)) => clock.idle(*d).await,
+            None => std::future::pending().await,
+        }
+    };
     let r = tokio::select! {
         r = conn.as_mut() => r,
         _ = shared.ctx.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = idle => {
+            tracing::debug!(
+                service = shared.lb.service(),
+                "outbound connection idle (MeshTimeout idleTimeout): closing"
+            );
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -85,7 +111,27 @@ enum Sent {
     Failed(String),
 }
 
-async fn proxy(s: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+async fn proxy(s: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let timeouts = s.lb.timeouts();
+    match within(timeouts.request, proxy_within(s, req, timeouts.connect)).await {
+        Some(resp) => resp,
+        None => {
+            let msg = format!(
+                "weft: service {}: no response within {:?} (MeshTimeout http.requestTimeout)",
+                s.lb.service(),
+                timeouts.request.unwrap_or_default()
+            );
+            tracing::debug!("{msg}");
+            error(StatusCode::GATEWAY_TIMEOUT, msg)
+        }
+    }
+}
+
+async fn proxy_within(
+    s: &Shared,
+    mut req: Request<Incoming>,
+    connect: Option<Duration>,
+) -> Response<Body> {
     let version = req.version();
     strip_hop_by_hop(req.headers_mut());
     let mut tried = Tried::new();
@@ -114,8 +160,8 @@ async fn proxy(s: &Shared, mut req: Request<Incoming>) -> Response<Body> {
         };
         tried.add(&*ep);
         let sent = match ep.protocol {
-            Protocol::Http2 | Protocol::Grpc => send_h2(s, &ep, req).await,
-            Protocol::Http | Protocol::Tcp => send_h1(s, &ep, req).await,
+            Protocol::Http2 | Protocol::Grpc => send_h2(s, &ep, req, connect).await,
+            Protocol::Http | Protocol::Tcp => send_h1(s, &ep, req, connect).await,
         };
         match sent {
             Sent::Response(resp, reuse) => return respond(resp, ep, reuse, version),
@@ -140,7 +186,12 @@ async fn proxy(s: &Shared, mut req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn send_h1(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent {
+async fn send_h1(
+    s: &Shared,
+    ep: &Endpoint,
+    mut req: Request<Incoming>,
+    connect: Option<Duration>,
+) -> Sent {
     to_h1(&mut req);
     // Pooled connections first. One the server closed before our request was written gives
     // the request back: try the next, then a new connection.
@@ -163,7 +214,7 @@ async fn send_h1(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent 
             },
         }
     }
-    let mut tx = match pool::connect_h1(ep, &s.ctx, s.lb.service()).await {
+    let mut tx = match pool::connect_h1(ep, &s.ctx, s.lb.service(), connect).await {
         Ok(tx) => tx,
         Err(e) => return Sent::Retry(req, e.to_string()),
     };
@@ -176,7 +227,12 @@ async fn send_h1(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent 
     }
 }
 
-async fn send_h2(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent {
+async fn send_h2(
+    s: &Shared,
+    ep: &Endpoint,
+    mut req: Request<Incoming>,
+    connect: Option<Duration>,
+) -> Sent {
     to_h2(&mut req, ep);
     if let Some(mut tx) = ep.ext.h2()
         && tx.ready().await.is_ok()
@@ -193,7 +249,7 @@ async fn send_h2(s: &Shared, ep: &Endpoint, mut req: Request<Incoming>) -> Sent 
     let connecting = ep.ext.connecting.lock().await;
     let mut tx = match ep.ext.h2() {
         Some(tx) => tx,
-        None => match pool::connect_h2(ep, &s.ctx, s.lb.service()).await {
+        None => match pool::connect_h2(ep, &s.ctx, s.lb.service(), connect).await {
             Ok(tx) => {
                 ep.ext.set_h2(&tx);
                 tx

@@ -1,4 +1,5 @@
-//! Upstream connections of an outbound: connecting (1 s timeout, TCP_NODELAY, TLS with the
+//! Upstream connections of an outbound: connecting (MeshTimeout `connectionTimeout`, 1 s by
+//! default, for the TCP connect and for the TLS handshake; TCP_NODELAY; TLS with the
 //! expected SPIFFE ID when the mesh has mTLS) and the per-endpoint pools.
 //!
 //! HTTP/1.1: idle connections are kept per endpoint, most recently used first, at most
@@ -28,10 +29,9 @@ use weft_core::spec::fields::Protocol;
 use crate::lb;
 use crate::metrics::Direction;
 use crate::state::Context;
+use crate::timeouts::within;
 use crate::tls;
 
-/// Connecting (TCP) and the TLS handshake each have this long.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle HTTP/1.1 connections unused this long are closed (lazily).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -113,8 +113,8 @@ impl Pool {
 pub(super) enum ConnectError {
     #[error("connect to {0}: {1}")]
     Connect(String, io::Error),
-    #[error("connect to {0}: timed out after {CONNECT_TIMEOUT:?}")]
-    Timeout(String),
+    #[error("connect to {0}: timed out after {1:?}")]
+    Timeout(String, Duration),
     #[error("TLS handshake with {0}: {1}")]
     Tls(String, io::Error),
     #[error("HTTP/2 handshake with {0}: {1}")]
@@ -137,15 +137,17 @@ pub(super) enum Io {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// Connect to `ep` for `service`: TCP, then TLS with ALPN `alpn` when the mesh has mTLS.
-/// Reports the outcome to the endpoint's health: ejected on failure, healthy on success.
+/// Connect to `ep` for `service`: TCP, then TLS with ALPN `alpn` when the mesh has mTLS,
+/// each within `limit`. Reports the outcome to the endpoint's health: ejected on failure,
+/// healthy on success.
 pub(super) async fn connect(
     ep: &Endpoint,
     ctx: &Context,
     service: &str,
     alpn: &[&[u8]],
+    limit: Option<Duration>,
 ) -> Result<Io, ConnectError> {
-    let r = connect_inner(ep, ctx, service, alpn).await;
+    let r = connect_inner(ep, ctx, service, alpn, limit).await;
     match &r {
         Ok(_) => ep.connected(),
         Err(e) if e.ejects() => {
@@ -162,6 +164,7 @@ async fn connect_inner(
     ctx: &Context,
     service: &str,
     alpn: &[&[u8]],
+    limit: Option<Duration>,
 ) -> Result<Io, ConnectError> {
     let authority = || ep.authority();
     let connecting = async {
@@ -170,10 +173,15 @@ async fn connect_inner(
             None => TcpStream::connect((ep.endpoint.address.as_str(), ep.endpoint.port)).await,
         }
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(ConnectError::Connect(authority(), e)),
-        Err(_) => return Err(ConnectError::Timeout(authority())),
+    let tcp = match within(limit, connecting).await {
+        Some(Ok(tcp)) => tcp,
+        Some(Err(e)) => return Err(ConnectError::Connect(authority(), e)),
+        None => {
+            return Err(ConnectError::Timeout(
+                authority(),
+                limit.unwrap_or_default(),
+            ));
+        }
     };
     let _ = tcp.set_nodelay(true);
     if !ep.mtls {
@@ -204,12 +212,15 @@ async fn connect_inner(
         .identity
         .client_config(&expected, alpn.iter().map(|p| p.to_vec()).collect());
     let handshake = tokio_rustls::TlsConnector::from(config).connect(sni, tcp);
-    let r = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-        Ok(Ok(tls)) => Ok(Io::Tls(Box::new(tls))),
-        Ok(Err(e)) => Err(ConnectError::Tls(authority(), e)),
-        Err(_) => Err(ConnectError::Tls(
+    let r = match within(limit, handshake).await {
+        Some(Ok(tls)) => Ok(Io::Tls(Box::new(tls))),
+        Some(Err(e)) => Err(ConnectError::Tls(authority(), e)),
+        None => Err(ConnectError::Tls(
             authority(),
-            io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out after {:?}", limit.unwrap_or_default()),
+            ),
         )),
     };
     ctx.metrics.tls_handshake(Direction::Outbound, r.is_ok());
@@ -231,8 +242,9 @@ pub(super) async fn connect_h1(
     ep: &Endpoint,
     ctx: &Context,
     service: &str,
+    limit: Option<Duration>,
 ) -> Result<http1::SendRequest<Incoming>, ConnectError> {
-    let io = connect(ep, ctx, service, alpn(Protocol::Http)).await?;
+    let io = connect(ep, ctx, service, alpn(Protocol::Http), limit).await?;
     let (tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
@@ -257,8 +269,9 @@ pub(super) async fn connect_h2(
     ep: &Endpoint,
     ctx: &Context,
     service: &str,
+    limit: Option<Duration>,
 ) -> Result<http2::SendRequest<Incoming>, ConnectError> {
-    let io = connect(ep, ctx, service, alpn(Protocol::Http2)).await?;
+    let io = connect(ep, ctx, service, alpn(Protocol::Http2), limit).await?;
     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(io))
         .await

@@ -680,3 +680,79 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
             .supported_schemes()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// MeshTimeout (the inbound's `rules`)
+
+/// A plaintext mesh's view whose inbound has the MeshTimeout rules conf `timeout`.
+fn view_with_timeout(port: u16, timeout: serde_json::Value) -> String {
+    serde_json::json!({
+        "mesh": MESH,
+        "dataplane": "backend-1",
+        "mtls": false,
+        "inbounds": [{
+            "port": port,
+            "service": "backend",
+            "tags": {"weft.io/service": "backend"},
+            "rules": {"MeshTimeout": timeout},
+        }],
+        "outbounds": {},
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn request_timeout_to_a_silent_application_is_a_504() {
+    // An application that accepts and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            held.push(silent.accept().await.unwrap().0);
+        }
+    });
+    let proxy = Proxy::start(Ca::new().identity("backend"), Protocol::Http, app, |port| {
+        view_with_timeout(
+            port,
+            serde_json::json!({"http": {"requestTimeout": "200ms"}}),
+        )
+    })
+    .await;
+    let mut sender = h1(TcpStream::connect(proxy.addr).await.unwrap()).await;
+    let start = std::time::Instant::now();
+    let (status, body) = get(&mut sender, &[]).await.unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(
+        body.contains("within 200ms (MeshTimeout http.requestTimeout)"),
+        "{body}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn tcp_idle_timeout_closes_an_idle_connection() {
+    let proxy = Proxy::start(
+        Ca::new().identity("backend"),
+        Protocol::Tcp,
+        echo_app().await,
+        |port| view_with_timeout(port, serde_json::json!({"idleTimeout": "300ms"})),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    echo(&mut s, b"ping").await;
+    let start = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), read_end(&mut s))
+        .await
+        .expect("closed within 10 s");
+    assert_eq!(end, None, "a clean close, not a reset");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+}

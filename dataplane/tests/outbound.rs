@@ -884,3 +884,156 @@ async fn an_endpoint_with_a_server_identity_is_verified_as_that_identity() {
         .unwrap_err();
     assert!(err.contains("endpoints[0].server_identity"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// MeshTimeout
+
+/// A view whose outbound `backend` has the MeshTimeout conf `timeout` (JSON).
+fn view_with_timeout(mtls: bool, timeout: &str) -> String {
+    format!(
+        r#"{{"mesh":"{MESH}","dataplane":"web-1","mtls":{mtls},"inbounds":[],"outbounds":{{"backend":{{"MeshTimeout":{timeout}}}}}}}"#
+    )
+}
+
+/// Read until the peer closes; how long that took.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_timeout_answers_504_and_follows_policy_changes() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(full(
+        view_with_timeout(false, r#"{"http":{"requestTimeout":"200ms"}}"#),
+        vec![service("http", &[up.addr])],
+    ))
+    .await;
+    let client = http1();
+    let start = std::time::Instant::now();
+    let a = get(&client, &proxy.url("/slow")).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.body);
+    assert_eq!(
+        a.body,
+        "weft: service backend: no response within 200ms (MeshTimeout http.requestTimeout)"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // Other requests are not affected.
+    let a = get(&client, &proxy.url("/")).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "a"));
+
+    // Without the policy a slow answer is waited for.
+    proxy
+        .state
+        .apply(&full(view(false, false), vec![service("http", &[up.addr])]))
+        .unwrap();
+    let release = up.release.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        release.add_permits(1);
+    });
+    let a = get(&client, &proxy.url("/slow")).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "a"));
+}
+
+#[tokio::test]
+async fn tcp_idle_timeout_closes_only_idle_connections() {
+    let echo = echo().await;
+    let proxy = Proxy::start(full(
+        view_with_timeout(false, r#"{"idleTimeout":"300ms"}"#),
+        vec![service("tcp", &[echo])],
+    ))
+    .await;
+    // Busy: a byte every 100 ms keeps it open well past the idle timeout.
+    let mut busy = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut last_byte = tokio::time::Instant::now();
+    for i in 0..10u8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        busy.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(WAIT, busy.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b[0], i);
+        last_byte = tokio::time::Instant::now();
+    }
+    // Then idle: closed about 300 ms after the last byte.
+    closed_within(&mut busy, WAIT).await;
+    let idle = last_byte.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250),
+        "closed {idle:?} after the last byte"
+    );
+}
+
+#[tokio::test]
+async fn http_idle_timeout_closes_an_idle_connection_but_not_a_waiting_one() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(full(
+        view_with_timeout(false, r#"{"idleTimeout":"300ms"}"#),
+        vec![service("http", &[up.addr])],
+    ))
+    .await;
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: backend\r\n\r\n").into_bytes();
+    // A request waiting longer than the idle timeout for its answer is not cut.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&request("/slow")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    up.release.add_permits(1);
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Then the kept-alive connection, idle, is closed.
+    let took = closed_within(&mut s, WAIT).await;
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+}
+
+#[tokio::test]
+async fn connection_timeout_bounds_the_tls_handshake() {
+    // An endpoint that accepts TCP and never answers the ClientHello.
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = mute.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    let ca = Ca::new(MESH);
+    let proxy = Proxy::start_as(
+        full(
+            view_with_timeout(true, r#"{"connectionTimeout":"300ms"}"#),
+            vec![service("http", &[mute_addr])],
+        ),
+        ca.identity("web"),
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let a = get(&http1(), &proxy.url("/")).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    assert!(a.body.contains("timed out after 300ms"), "{}", a.body);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let ep = proxy.endpoint(mute_addr);
+    assert!(ep.ejected && ep.connect_failures == 1, "{ep:?}");
+}
