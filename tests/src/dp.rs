@@ -279,10 +279,18 @@ impl App {
         let port = listener.local_addr()?.port();
         let hits = Arc::new(AtomicU64::new(0));
         let (n, h) = (name.to_string(), hits.clone());
-        let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap| {
             let (n, h) = (n.clone(), h.clone());
             async move {
                 h.fetch_add(1, Ordering::Relaxed);
+                // `/sleep/<ms>`: answer that much later (timeouts).
+                if let Some(ms) = uri
+                    .path()
+                    .strip_prefix("/sleep/")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 let xfcc = headers
                     .get("x-forwarded-client-cert")
                     .and_then(|v| v.to_str().ok())

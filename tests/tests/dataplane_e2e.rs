@@ -548,3 +548,69 @@ async fn requests_spread_over_three_instances_and_a_killed_one_is_ejected() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_timeout_applied_on_global_cuts_a_slow_request_with_a_504() {
+    let (g, zone) = setup("24h").await;
+    let app = App::http("backend-1").await.unwrap();
+    let _backend = Dataplane::builder("backend-1", "backend")
+        .inbound(app.port, "http")
+        .start(&g, &zone)
+        .await
+        .unwrap();
+    let out = free_port();
+    let frontend = Dataplane::builder("frontend-1", "frontend")
+        .outbound(out, "backend")
+        .start(&g, &zone)
+        .await
+        .unwrap();
+    let http = client();
+    eventually("frontend -> backend answers", SYNC, || async {
+        get(&http, out).await.ok().filter(|r| r.0 == 200)
+    })
+    .await;
+    let slow = format!("http://127.0.0.1:{out}/sleep/1500");
+    // No MeshTimeout: a 1.5 s answer is waited for.
+    let r = http.get(&slow).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+
+    g.api()
+        .apply(&[json!({
+            "type": "MeshTimeout",
+            "name": "backend-timeouts",
+            "mesh": "default",
+            "spec": {
+                "targetRef": {"kind": "Mesh"},
+                "to": [{
+                    "targetRef": {"kind": "MeshService", "name": "backend"},
+                    "default": {"http": {"requestTimeout": "500ms"}},
+                }],
+            },
+        })])
+        .await
+        .unwrap();
+    let (took, body) = eventually("the slow call is cut at 500 ms", SYNC, || async {
+        let start = Instant::now();
+        let r = http.get(&slow).send().await.ok()?;
+        let status = r.status().as_u16();
+        let body = r.text().await.ok()?;
+        (status == 504).then_some((start.elapsed(), body))
+    })
+    .await;
+    assert!(
+        body.contains("no response within 500ms (MeshTimeout http.requestTimeout)"),
+        "{body}"
+    );
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1400),
+        "answered after {took:?}"
+    );
+    // Quick calls are not affected, and the proxy's /config shows the policy.
+    assert_eq!(get(&http, out).await.unwrap().0, 200);
+    let config = frontend.config().await.unwrap();
+    assert_eq!(
+        config.pointer("/view/outbounds/backend/MeshTimeout/http/requestTimeout"),
+        Some(&json!("500ms")),
+        "{config}"
+    );
+}
