@@ -65,6 +65,29 @@ async fn setup(lifetime: &str) -> (Global, Zone) {
     (g, zone)
 }
 
+/// An HTTP `backend` (application and sidecar) and a `frontend` sidecar whose outbound on
+/// the returned port calls it, once a call goes through.
+async fn backend_and_frontend(g: &Global, zone: &Zone) -> (App, Dataplane, Dataplane, u16) {
+    let app = App::http("backend-1").await.unwrap();
+    let backend = Dataplane::builder("backend-1", "backend")
+        .inbound(app.port, "http")
+        .start(g, zone)
+        .await
+        .unwrap();
+    let out = free_port();
+    let frontend = Dataplane::builder("frontend-1", "frontend")
+        .outbound(out, "backend")
+        .start(g, zone)
+        .await
+        .unwrap();
+    let http = client();
+    eventually("frontend -> backend answers", SYNC, || async {
+        get(&http, out).await.ok().filter(|r| r.0 == 200)
+    })
+    .await;
+    (app, backend, frontend, out)
+}
+
 /// GET through an outbound: (status, body, x-seen-xfcc).
 async fn get(http: &reqwest::Client, port: u16) -> Result<(u16, String, String), String> {
     let r = http
@@ -353,23 +376,7 @@ async fn traffic_permission_applied_on_global_blocks_within_a_second_and_allowin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_without_a_failed_request() {
     let (g, zone) = setup("30s").await;
-    let app = App::http("backend-1").await.unwrap();
-    let backend = Dataplane::builder("backend-1", "backend")
-        .inbound(app.port, "http")
-        .start(&g, &zone)
-        .await
-        .unwrap();
-    let out = free_port();
-    let frontend = Dataplane::builder("frontend-1", "frontend")
-        .outbound(out, "backend")
-        .start(&g, &zone)
-        .await
-        .unwrap();
-    let http = client();
-    eventually("frontend -> backend answers", SYNC, || async {
-        get(&http, out).await.ok().filter(|r| r.0 == 200)
-    })
-    .await;
+    let (_app, backend, frontend, out) = backend_and_frontend(&g, &zone).await;
     let first = (
         frontend.cert_serial().await.unwrap(),
         backend.cert_serial().await.unwrap(),
@@ -412,23 +419,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_killed_under_load_fails_no_request_and_proxies_reconnect() {
     let (g, mut zone) = setup("24h").await;
-    let app = App::http("backend-1").await.unwrap();
-    let _backend = Dataplane::builder("backend-1", "backend")
-        .inbound(app.port, "http")
-        .start(&g, &zone)
-        .await
-        .unwrap();
-    let out = free_port();
-    let frontend = Dataplane::builder("frontend-1", "frontend")
-        .outbound(out, "backend")
-        .start(&g, &zone)
-        .await
-        .unwrap();
-    let http = client();
-    eventually("frontend -> backend answers", SYNC, || async {
-        get(&http, out).await.ok().filter(|r| r.0 == 200)
-    })
-    .await;
+    let (_app, _backend, frontend, out) = backend_and_frontend(&g, &zone).await;
 
     let load = Load::start(
         &format!("http://127.0.0.1:{out}/"),
@@ -552,23 +543,8 @@ async fn requests_spread_over_three_instances_and_a_killed_one_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_timeout_applied_on_global_cuts_a_slow_request_with_a_504() {
     let (g, zone) = setup("24h").await;
-    let app = App::http("backend-1").await.unwrap();
-    let _backend = Dataplane::builder("backend-1", "backend")
-        .inbound(app.port, "http")
-        .start(&g, &zone)
-        .await
-        .unwrap();
-    let out = free_port();
-    let frontend = Dataplane::builder("frontend-1", "frontend")
-        .outbound(out, "backend")
-        .start(&g, &zone)
-        .await
-        .unwrap();
+    let (_app, _backend, frontend, out) = backend_and_frontend(&g, &zone).await;
     let http = client();
-    eventually("frontend -> backend answers", SYNC, || async {
-        get(&http, out).await.ok().filter(|r| r.0 == 200)
-    })
-    .await;
     let slow = format!("http://127.0.0.1:{out}/sleep/1500");
     // No MeshTimeout: a 1.5 s answer is waited for.
     let r = http.get(&slow).send().await.unwrap();
