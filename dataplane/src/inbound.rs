@@ -55,7 +55,7 @@ use weft_core::spec::policies::Action;
 
 use crate::metrics::{Counted, Direction, ServiceMetrics};
 use crate::state::{Context, Snapshot};
-use crate::timeouts::{Clock, Timeouts, copy_bidirectional_idle, idle_clock, within};
+use crate::timeouts::{Clock, Timeouts, copy_bidirectional_idle, idle_clock, idle_expired, within};
 
 #[derive(Clone, Debug)]
 pub struct Inbound {
@@ -354,8 +354,8 @@ impl Listener {
 
     async fn serve_http<S: Downstream>(self: Arc<Self>, mut down: S, source: Option<Source>) {
         let draining = self.ctx.draining.clone();
-        let idle = self.timeouts().idle;
-        let clock = idle.map(|_| Arc::new(Clock::default()));
+        let idle = idle_clock(self.timeouts().idle);
+        let clock = idle.as_ref().map(|(c, _)| c.clone());
         if let Some(clock) = &clock {
             down.counted().watch(clock.clone());
         }
@@ -369,19 +369,13 @@ impl Listener {
         let http = self.http.as_ref().expect("an http inbound");
         let served = http.server.serve_connection(TokioIo::new(down), service);
         tokio::pin!(served);
-        let idle = async {
-            match (&clock, idle) {
-                (Some(clock), Some(d)) => clock.idle(d).await,
-                _ => std::future::pending().await,
-            }
-        };
         let r = tokio::select! {
             r = served.as_mut() => r,
             _ = draining.cancelled() => {
                 served.as_mut().graceful_shutdown();
                 served.await
             }
-            () = idle => {
+            () = idle_expired(idle.as_ref()) => {
                 tracing::debug!("inbound: http connection idle (MeshTimeout idleTimeout): closing");
                 served.as_mut().graceful_shutdown();
                 served.await

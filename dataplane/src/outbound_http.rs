@@ -32,7 +32,7 @@ use super::Shared;
 use super::pool::{self, Pool};
 use crate::lb::{Guard, Pick, Tried};
 use crate::metrics::Counted;
-use crate::timeouts::{idle_clock, within};
+use crate::timeouts::{idle_clock, idle_expired, within};
 
 type Endpoint = crate::lb::Endpoint<Pool>;
 
@@ -76,19 +76,13 @@ pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     });
     let conn = server().serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
-    let idle = async {
-        match &idle {
-            Some((clock, d)) => clock.idle(*d).await,
-            None => std::future::pending().await,
-        }
-    };
     let r = tokio::select! {
         r = conn.as_mut() => r,
         _ = shared.ctx.draining.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        () = idle => {
+        () = idle_expired(idle.as_ref()) => {
             tracing::debug!(
                 service = shared.lb.service(),
                 "outbound connection idle (MeshTimeout idleTimeout): closing"

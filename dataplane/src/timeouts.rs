@@ -218,6 +218,15 @@ pub fn idle_clock(idle: Option<Duration>) -> Option<(Arc<Clock>, Duration)> {
     idle.map(|d| (Arc::new(Clock::default()), d))
 }
 
+/// Completes when the connection of [`idle_clock`]'s clock has been idle for its timeout;
+/// never without one.
+pub async fn idle_expired(idle: Option<&(Arc<Clock>, Duration)>) {
+    match idle {
+        Some((clock, d)) => clock.idle(*d).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
